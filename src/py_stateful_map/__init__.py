@@ -1,0 +1,82 @@
+"""py_stateful_map: a stateful worker pool for multi-GPU (and multi-core) inference.
+
+Each worker builds its state once (e.g. loads a model on its own device) and then processes a
+stream of items; ``map()`` streams results back lazily, ordered or unordered.
+
+Only the public names live here. They load on first use (module ``__getattr__``), so
+``import py_stateful_map`` imports no multiprocessing machinery and nothing outside the
+standard library.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.4.0.dev0"
+
+_EXPORTS = {
+    "StateFullWorkerPool": "pool",
+    "WorkerResultWrapper": "results",
+    "ExceptionBehavior": "results",
+    "ArgumentPassing": "results",
+    "PoolStats": "stats",
+    "PoolError": "errors",
+    "WorkerInitError": "errors",
+    "WorkerDiedError": "errors",
+    "TaskTimeoutError": "errors",
+    "SerializationError": "errors",
+    "PoolBrokenError": "errors",
+    "PoolBusyError": "errors",
+    "RemoteTraceback": "errors",
+    "DevicePool": "device_pool",
+    "resolve_devices": "_device_discovery",
+}
+
+__all__ = [
+    "ArgumentPassing",
+    "DevicePool",
+    "ExceptionBehavior",
+    "PoolBrokenError",
+    "PoolBusyError",
+    "PoolError",
+    "PoolStats",
+    "RemoteTraceback",
+    "SerializationError",
+    "StateFullWorkerPool",
+    "TaskTimeoutError",
+    "WorkerDiedError",
+    "WorkerInitError",
+    "WorkerResultWrapper",
+    "resolve_devices",
+]
+
+if TYPE_CHECKING:
+    from ._device_discovery import resolve_devices
+    from .device_pool import DevicePool
+    from .errors import (
+        PoolBrokenError,
+        PoolBusyError,
+        PoolError,
+        RemoteTraceback,
+        SerializationError,
+        TaskTimeoutError,
+        WorkerDiedError,
+        WorkerInitError,
+    )
+    from .pool import StateFullWorkerPool
+    from .results import ArgumentPassing, ExceptionBehavior, WorkerResultWrapper
+    from .stats import PoolStats
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'py_stateful_map' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module_name}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,52 @@
+"""Automatic chunk size: enough items per message that transport overhead stops mattering.
+
+A chunk is the unit sent to a worker. Tiny tasks need big chunks (per-message costs dominate);
+slow tasks need chunks of one (so work spreads evenly and a slow item holds up nothing else).
+The sizer measures how long workers spend per item and aims each chunk at a fixed amount of
+worker time, the way an expert hand-tunes ``multiprocessing.Pool.imap(chunksize=...)``.
+"""
+
+from __future__ import annotations
+
+#: Worker time one chunk should represent: long enough to amortize ~50 µs of messaging,
+#: short enough that ordered results flow and the tail of a map stays balanced.
+TARGET_CHUNK_SECONDS = 0.02
+MAX_CHUNK_ITEMS = 4096
+
+
+class ChunkSizer:
+    """Chooses each chunk's size from measured per-item worker time (or a fixed size)."""
+
+    def __init__(self, num_workers: int, fixed: int | None = None) -> None:
+        self._workers = max(1, num_workers)
+        self._fixed = fixed
+        self._seconds_per_item: float | None = None
+        self._largest = 1
+
+    def observe(self, items: int, busy_seconds: float) -> None:
+        """Fold one finished chunk's timing into the estimate (moving average)."""
+        if items <= 0 or self._fixed is not None:
+            return
+        sample = max(busy_seconds / items, 1e-8)
+        previous = self._seconds_per_item
+        self._seconds_per_item = sample if previous is None else 0.7 * previous + 0.3 * sample
+
+    def next_size(self, remaining: int | None) -> int:
+        """Size of the next chunk; ``remaining`` is the known number of unread items, if any."""
+        if self._fixed is not None:
+            return self._fixed
+        if self._seconds_per_item is None:
+            return 1  # learn the task's cost before committing many items to one worker
+        size = int(TARGET_CHUNK_SECONDS / self._seconds_per_item)
+        size = max(1, min(size, MAX_CHUNK_ITEMS, self._largest * 8))
+        if remaining is not None:
+            # keep the tail balanced: every worker gets a share of what is left
+            size = min(size, max(1, remaining // (2 * self._workers)))
+        self._largest = max(self._largest, size)
+        return size
+
+    @property
+    def window_items(self) -> int:
+        """How far reading may run ahead of the caller: enough to keep every worker fed."""
+        largest = self._fixed or self._largest
+        return max(64, 4 * self._workers * largest)

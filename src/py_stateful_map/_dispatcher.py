@@ -1,0 +1,412 @@
+"""Pool-level bookkeeping of workers: who holds which chunk, and what happens when one dies.
+
+The dispatcher outlives any single ``map()``: it starts workers, hands chunks to them, turns
+backend events into *completions* (a chunk with one value or error per item), and applies the
+fault policy so the map above never sees a death, only per-item outcomes:
+
+- a worker that dies while running a multi-item chunk gets the chunk split into single items
+  and re-run (we cannot tell which item killed it, so nobody is blamed yet);
+- a single item that kills its worker is re-run up to ``max_retries`` times, then reported
+  with ``WorkerDiedError`` — so no innocent item is ever blamed, and no item runs forever;
+- chunks queued behind the running one are re-run as they were (they never started);
+- a chunk whose items or results cannot be unpickled is split the same way, so the error
+  lands on the one item at fault;
+- a worker past ``task_timeout`` is killed; its item gets ``TaskTimeoutError``.
+
+Execution is therefore at-least-once for items that were running on a worker that died.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._protocol import (
+    ChunkDone,
+    ChunkUnreadable,
+    FromWorker,
+    InitFailed,
+    ItemError,
+    Ready,
+    ResultUnreadable,
+    RunChunk,
+    WorkerExited,
+)
+from ._worker_stats import WorkerSlot
+from .backends.base import Backend
+from .errors import (
+    PoolBrokenError,
+    RemoteTraceback,
+    SerializationError,
+    TaskTimeoutError,
+    WorkerDiedError,
+    WorkerInitError,
+    describe_exit,
+)
+
+logger = logging.getLogger("py_stateful_map")
+
+#: Chunks a worker may hold at once: one running, one waiting in its inbox, so it never idles
+#: while the parent is busy.
+PREFETCH_CHUNKS = 2
+#: A restarted worker that dies this many times in a row before becoming ready breaks the pool.
+MAX_CONSECUTIVE_INIT_DEATHS = 3
+
+
+@dataclass(eq=False)
+class Chunk:
+    """Consecutive items ``start ..`` of one map run, as dispatched to one worker."""
+
+    chunk_id: int
+    run_id: int
+    start: int
+    items: list[Any]
+    attempts: int = 0  # deaths of a worker while running this chunk *alone*
+
+    def split(self, next_id: Any) -> list[Chunk]:
+        return [
+            Chunk(next_id(), self.run_id, self.start + offset, [item], self.attempts)
+            for offset, item in enumerate(self.items)
+        ]
+
+
+@dataclass(eq=False)
+class Completion:
+    """Final outcome of every item of a chunk."""
+
+    chunk: Chunk
+    values: list[Any]
+    errors: list[ItemError] | None
+    busy_seconds: float = 0.0  # worker time, for the chunk sizer; 0 when no worker ran it
+
+
+@dataclass
+class FaultPolicy:
+    """The user's fault-tolerance options, validated by the pool."""
+
+    max_retries: int = 1
+    max_restarts: int | None = None
+    task_timeout: float | None = None
+    init_timeout: float | None = None
+    max_tasks_per_worker: int | None = None
+
+
+@dataclass(eq=False)
+class Dispatcher:
+    """Owns the workers' slots and turns backend events into completions."""
+
+    backend: Backend
+    slots: list[WorkerSlot]
+    policy: FaultPolicy
+    run_id: int = 0
+    restarts: int = 0
+    busy: bool = False  # a map() is in progress
+    broken: bool = False  # the pool gave up; every later map() fails
+    _retry: deque[Chunk] = field(default_factory=deque)
+    _completions: list[Completion] = field(default_factory=list)
+    _next_chunk_id: int = 0
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def start_all(self) -> None:
+        """Start every worker and wait until all are ready; raise ``WorkerInitError`` if not."""
+        for slot in self.slots:
+            self._start(slot)
+        while any(slot.state == "starting" for slot in self.slots):
+            for index, message in self.backend.wait(self._timeout_until_deadline(None)):
+                slot = self.slots[index]
+                if isinstance(message, Ready):
+                    slot.mark_ready(message.pid, message.init_seconds)
+                elif isinstance(message, InitFailed):
+                    raise self._init_error(slot, message)
+                elif isinstance(message, WorkerExited):
+                    raise self._init_death_error(slot, message)
+            self._check_init_deadlines(fail=True)
+
+    def _start(self, slot: WorkerSlot) -> None:
+        slot.mark_starting()
+        self.backend.start_worker(slot.index)
+        slot.pid = self.backend.pid(slot.index)
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def new_chunk_id(self) -> int:
+        self._next_chunk_id += 1
+        return self._next_chunk_id
+
+    def free_slot(self) -> WorkerSlot | None:
+        """The ready worker with the fewest chunks in hand, if any can take one more."""
+        best: WorkerSlot | None = None
+        for slot in self.slots:
+            if (
+                slot.accepts(PREFETCH_CHUNKS)
+                and self.budget(slot) != 0
+                and (best is None or len(slot.in_flight) < len(best.in_flight))
+            ):
+                best = slot
+        return best
+
+    def budget(self, slot: WorkerSlot) -> int | None:
+        """Items this worker may still take before ``max_tasks_per_worker`` recycles it."""
+        limit = self.policy.max_tasks_per_worker
+        return None if limit is None else max(0, limit - slot.items_assigned)
+
+    def submit(self, slot: WorkerSlot, chunk: Chunk) -> None:
+        """Send a chunk; one that cannot be pickled is split so the error finds its item."""
+        try:
+            self.backend.send(slot.index, RunChunk(chunk.chunk_id, chunk.start, chunk.items))
+        except SerializationError as exc:
+            if len(chunk.items) > 1:
+                self._retry.extendleft(reversed(chunk.split(self.new_chunk_id)))
+            else:
+                item = chunk.items[0]
+                error = SerializationError(
+                    f"input item {chunk.start} ({type(item).__module__}.{type(item).__qualname__})"
+                    f" cannot be pickled: {exc}"
+                )
+                self._complete_with_error(chunk, error)
+            return
+        if not slot.in_flight:
+            slot.running_since = time.monotonic()
+        slot.in_flight.append(chunk)
+        slot.items_assigned += len(chunk.items)
+
+    def submit_retries(self) -> None:
+        """Re-run chunks of dead workers first, before any new input is read."""
+        while self._retry:
+            slot = self.free_slot()
+            if slot is None:
+                return
+            self.submit(slot, self._retry.popleft())
+
+    def drop_retries(self) -> int:
+        """Forget chunks waiting to be re-run; returns how many items they held."""
+        dropped = sum(len(chunk.items) for chunk in self._retry)
+        self._retry.clear()
+        return dropped
+
+    def has_retries(self) -> bool:
+        return bool(self._retry)
+
+    def end_run(self) -> None:
+        """Forget the finished or abandoned run: late results of its chunks are dropped."""
+        self.run_id += 1
+        self._retry.clear()
+        self._completions.clear()
+
+    # -- events ---------------------------------------------------------------------------
+
+    def poll(self, timeout: float | None) -> list[Completion]:
+        """Wait for at least one completion (or ``timeout``) and return all that are ready."""
+        if self._completions:
+            timeout = 0.0
+        events = self.backend.wait(self._timeout_until_deadline(timeout))
+        for index, message in events:
+            self._handle(self.slots[index], message)
+        self._check_task_deadlines()
+        self._check_init_deadlines(fail=False)
+        completions, self._completions = self._completions, []
+        return completions
+
+    def _handle(self, slot: WorkerSlot, message: FromWorker) -> None:
+        if isinstance(message, ChunkDone):
+            chunk = self._pop_running(slot, message.chunk_id)
+            slot.record_chunk(len(chunk.items), message.busy_seconds, message.oom_backoffs)
+            values, errors = message.payload
+            if chunk.run_id == self.run_id:
+                self._completions.append(Completion(chunk, values, errors, message.busy_seconds))
+            self._recycle_if_due(slot)
+        elif isinstance(message, ChunkUnreadable | ResultUnreadable):
+            chunk = self._pop_running(slot, message.chunk_id)
+            self._isolate(chunk, str(message.payload), isinstance(message, ChunkUnreadable))
+        elif isinstance(message, Ready):
+            slot.mark_ready(message.pid, message.init_seconds)
+            logger.info(
+                "worker %d ready (pid %s, %.2fs)", slot.index, message.pid, message.init_seconds
+            )
+        elif isinstance(message, InitFailed):
+            self.broken = True  # a restarted worker's constructor failed: it would again
+            raise self._init_error(slot, message)
+        elif isinstance(message, WorkerExited):
+            self._handle_death(slot, message)
+
+    def _pop_running(self, slot: WorkerSlot, chunk_id: int) -> Chunk:
+        # A worker answers its chunks in order; any chunk before this one lost its answer to an
+        # interrupted read (Ctrl-C in the parent) and belongs to an abandoned run.
+        chunk = slot.in_flight.popleft()
+        while chunk.chunk_id != chunk_id and slot.in_flight:
+            chunk = slot.in_flight.popleft()
+        slot.running_since = time.monotonic() if slot.in_flight else None
+        return chunk
+
+    def _isolate(self, chunk: Chunk, reason: str, inbound: bool) -> None:
+        if chunk.run_id != self.run_id:
+            return
+        if len(chunk.items) > 1:
+            self._retry.extendleft(reversed(chunk.split(self.new_chunk_id)))
+            return
+        what = "input item" if inbound else "result or exception of item"
+        self._complete_with_error(
+            chunk, SerializationError(f"{what} {chunk.start} cannot be unpickled: {reason}")
+        )
+
+    def _complete_with_error(self, chunk: Chunk, error: BaseException, tb_text: str = "") -> None:
+        if chunk.run_id == self.run_id:
+            errors: list[ItemError] = [(i, error, tb_text) for i in range(len(chunk.items))]
+            self._completions.append(Completion(chunk, [None] * len(chunk.items), errors))
+
+    # -- faults ---------------------------------------------------------------------------
+
+    def _handle_death(self, slot: WorkerSlot, message: WorkerExited) -> None:
+        held = list(slot.in_flight)
+        slot.in_flight.clear()
+        slot.running_since = None
+        was_starting = slot.state == "starting"
+        timed_out, slot.killed_for_timeout = slot.killed_for_timeout, False
+        cause = describe_exit(message.exitcode)
+        logger.warning(
+            "worker %d (pid %s%s) %s%s",
+            slot.index,
+            message.pid,
+            slot.device_note,
+            cause,
+            f"; holding items from {held[0].start}" if held else "",
+        )
+        if held:
+            self._settle_running_chunk(slot, held[0], message, timed_out)
+            self._retry.extendleft(reversed([c for c in held[1:] if c.run_id == self.run_id]))
+        self._restart(slot, was_starting, message)
+
+    def _settle_running_chunk(
+        self, slot: WorkerSlot, chunk: Chunk, message: WorkerExited, timed_out: bool
+    ) -> None:
+        if chunk.run_id != self.run_id:
+            return
+        if timed_out:
+            error = TaskTimeoutError(
+                f"item {chunk.start} ran longer than task_timeout={self.policy.task_timeout}s on "
+                f"worker {slot.index} (pid {message.pid}{slot.device_note}); the worker was killed"
+            )
+            self._complete_with_error(chunk, error)
+        elif len(chunk.items) > 1:
+            self._retry.extendleft(reversed(chunk.split(self.new_chunk_id)))
+        else:
+            chunk.attempts += 1
+            if chunk.attempts > self.policy.max_retries:
+                self._complete_with_error(chunk, self._died_error(slot, chunk, message))
+            else:
+                slot.retries += 1
+                logger.warning("re-running item %d (attempt %d)", chunk.start, chunk.attempts + 1)
+                self._retry.appendleft(chunk)
+
+    def _died_error(self, slot: WorkerSlot, chunk: Chunk, message: WorkerExited) -> WorkerDiedError:
+        text = (
+            f"item {chunk.start} killed its worker {chunk.attempts} time(s): worker {slot.index} "
+            f"(pid {message.pid}{slot.device_note}) {describe_exit(message.exitcode)}"
+        )
+        error = WorkerDiedError(text, chunk.start, slot.index, message.pid, message.exitcode)
+        if message.crash_report:
+            error.__cause__ = RemoteTraceback(message.crash_report)
+        return error
+
+    def _restart(self, slot: WorkerSlot, was_starting: bool, message: WorkerExited) -> None:
+        slot.consecutive_init_deaths = slot.consecutive_init_deaths + 1 if was_starting else 0
+        if slot.consecutive_init_deaths >= MAX_CONSECUTIVE_INIT_DEATHS:
+            self.broken = True
+            raise PoolBrokenError(
+                f"worker {slot.index}{slot.device_note} died {slot.consecutive_init_deaths} times "
+                f"in a row while starting ({describe_exit(message.exitcode)}); giving up"
+            )
+        self.restarts += 1
+        cap = self.policy.max_restarts
+        if cap is not None and self.restarts > cap:
+            self.broken = True
+            raise PoolBrokenError(
+                f"workers died {self.restarts} times, more than max_restarts={cap}; last: worker "
+                f"{slot.index} (pid {message.pid}) {describe_exit(message.exitcode)}"
+            )
+        slot.restarts += 1
+        self._start(slot)
+
+    def _recycle_if_due(self, slot: WorkerSlot) -> None:
+        limit = self.policy.max_tasks_per_worker
+        if limit is None or slot.in_flight or slot.items_assigned < limit:
+            return
+        logger.info("recycling worker %d after %d items", slot.index, slot.items_assigned)
+        self.backend.retire(slot.index)
+        slot.recycles += 1
+        self._start(slot)
+
+    # -- deadlines ------------------------------------------------------------------------
+
+    def _timeout_until_deadline(self, timeout: float | None) -> float | None:
+        deadlines = [d for d in (self._task_deadline(s) for s in self.slots) if d is not None]
+        deadlines += [d for d in (self._init_deadline(s) for s in self.slots) if d is not None]
+        if not deadlines:
+            return timeout
+        until = max(0.0, min(deadlines) - time.monotonic())
+        return until if timeout is None else min(timeout, until)
+
+    def _task_deadline(self, slot: WorkerSlot) -> float | None:
+        limit = self.policy.task_timeout
+        if limit is None or slot.running_since is None or slot.killed_for_timeout:
+            return None
+        return slot.running_since + limit
+
+    def _init_deadline(self, slot: WorkerSlot) -> float | None:
+        limit = self.policy.init_timeout
+        if limit is None or slot.state != "starting":
+            return None
+        return slot.starting_since + limit
+
+    def _check_task_deadlines(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            deadline = self._task_deadline(slot)
+            if deadline is not None and now >= deadline:
+                slot.killed_for_timeout = True
+                self.backend.kill(slot.index)
+
+    def _check_init_deadlines(self, *, fail: bool) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            deadline = self._init_deadline(slot)
+            if deadline is None or now < deadline:
+                continue
+            if fail:
+                error = WorkerInitError(
+                    f"worker {slot.index} (pid {slot.pid}{slot.device_note}) did not finish its "
+                    f"constructor within init_timeout={self.policy.init_timeout}s",
+                    slot.index,
+                    slot.pid,
+                )
+                error.__cause__ = TimeoutError(f"init_timeout={self.policy.init_timeout}s")
+                raise error
+            self.backend.kill(slot.index)  # its death restarts it, counted against the cap
+
+    def _init_error(self, slot: WorkerSlot, message: InitFailed) -> WorkerInitError:
+        original, tb_text = message.payload
+        if tb_text:
+            original.__cause__ = RemoteTraceback(tb_text)
+        error = WorkerInitError(
+            f"worker {slot.index} (pid {message.pid}{slot.device_note}) failed in its "
+            f"constructor: {type(original).__name__}: {original}",
+            slot.index,
+            message.pid,
+        )
+        error.__cause__ = original
+        return error
+
+    def _init_death_error(self, slot: WorkerSlot, message: WorkerExited) -> WorkerInitError:
+        error = WorkerInitError(
+            f"worker {slot.index} (pid {message.pid}{slot.device_note}) "
+            f"{describe_exit(message.exitcode)} before it was ready",
+            slot.index,
+            message.pid,
+        )
+        if message.crash_report:
+            error.__cause__ = RemoteTraceback(message.crash_report)
+        return error

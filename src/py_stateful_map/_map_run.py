@@ -1,0 +1,212 @@
+"""One ``map()``: from the input iterable to the caller, lazily and with bounded memory.
+
+Data flow::
+
+    input iterable ──read-ahead window──▶ chunks ──▶ dispatcher ──▶ worker (pipe / queue)
+                                                                         │
+    caller ◀── WorkerResultWrapper per item ◀── reorder buffer ◀── completions
+
+- *Read-ahead window*: items are read from the input only while fewer than ``window`` items
+  are between "read" and "handed to the caller", so an endless generator uses bounded memory.
+- *Reorder buffer* (ordered mode): completions are keyed by their first item; the caller gets
+  them strictly in input order. A slow item holds back only what comes after it, and only up
+  to the window: other workers keep going meanwhile (no barrier per chunk).
+- *Exception policy* is applied where completions arrive, so IMMEDIATE raises the moment the
+  error reaches the parent, whatever the ordering mode.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from itertools import islice, repeat
+from typing import Any, Generic, TypeVar
+
+from ._chunking import ChunkSizer
+from ._dispatcher import Chunk, Completion, Dispatcher
+from ._protocol import ItemError
+from .errors import RemoteTraceback
+from .results import ExceptionBehavior, WorkerResultWrapper
+
+T = TypeVar("T")
+
+#: (first item index, values, errors) of a completion ready for the caller.
+Ready = tuple[int, list[Any], list[ItemError] | None]
+
+
+class MapRun:
+    """The state of one ``map()`` call; ``results()`` is the generator the caller iterates."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        source: Iterable[Any],
+        length: int | None,
+        *,
+        ordered: bool,
+        behavior: ExceptionBehavior,
+        sizer: ChunkSizer,
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._source: Iterator[Any] = iter(source)
+        self._length = length
+        self._ordered = ordered
+        self._behavior = behavior
+        self._sizer = sizer
+        self._next_read = 0
+        self._released = 0  # items moved towards the caller (ready or yielded)
+        self._in_progress = 0  # items read and not yet complete
+        self._input_done = False
+        self._input_error: BaseException | None = None
+        self._pending: dict[int, Ready] = {}
+        self._ready: deque[Ready] = deque()
+        self._failure: BaseException | None = None  # IMMEDIATE_WAIT_OTHERS: raise when idle
+
+    def results(self) -> Iterator[WorkerResultWrapper[Any]]:
+        """Yield every item's outcome; leaves the dispatcher clean however it ends."""
+        try:
+            yield from self._run()
+        finally:
+            self._dispatcher.end_run()
+
+    def _run(self) -> Iterator[WorkerResultWrapper[Any]]:
+        ready = self._ready
+        while True:
+            if self._failure is None:
+                self._fill()
+            if self._in_progress:
+                for completion in self._dispatcher.poll(0.0 if ready else None):
+                    self._accept(completion)
+                if self._failure is not None:  # wait only for what is on a worker now
+                    self._in_progress -= self._dispatcher.drop_retries()
+            while ready:
+                yield from _wrap(*ready.popleft())
+            if not self._in_progress and (self._input_done or self._failure is not None):
+                break
+        if self._failure is not None:
+            raise self._failure
+        if self._input_error is not None:
+            raise self._input_error
+
+    # -- reading and dispatching ----------------------------------------------------------
+
+    def _fill(self) -> None:
+        dispatcher = self._dispatcher
+        dispatcher.submit_retries()
+        while not self._input_done and not dispatcher.has_retries():
+            slot = dispatcher.free_slot()
+            room = self._sizer.window_items - (self._next_read - self._released)
+            if slot is None or room <= 0:
+                return
+            size = min(self._sizer.next_size(self._remaining()), room)
+            budget = dispatcher.budget(slot)
+            if budget is not None:
+                size = min(size, budget)
+            items = self._read(size)
+            if not items:
+                return
+            chunk = Chunk(dispatcher.new_chunk_id(), dispatcher.run_id, self._next_read, items)
+            self._next_read += len(items)
+            self._in_progress += len(items)
+            dispatcher.submit(slot, chunk)
+
+    def _remaining(self) -> int | None:
+        return None if self._length is None else self._length - self._next_read
+
+    def _read(self, size: int) -> list[Any]:
+        items: list[Any] = []
+        try:
+            items.extend(islice(self._source, size))  # keeps what was read if the input raises
+        except Exception as exc:
+            self._input_error = exc
+            self._input_done = True
+            return items
+        if len(items) < size:
+            self._input_done = True
+        return items
+
+    # -- completions ----------------------------------------------------------------------
+
+    def _accept(self, completion: Completion) -> None:
+        chunk, values, errors = completion.chunk, completion.values, completion.errors
+        self._in_progress -= len(chunk.items)
+        if completion.busy_seconds:
+            self._sizer.observe(len(chunk.items), completion.busy_seconds)
+        if errors:
+            self._attach_tracebacks(errors)
+            if self._behavior is ExceptionBehavior.IMMEDIATE:
+                raise errors[0][1]
+            if self._behavior is ExceptionBehavior.IMMEDIATE_WAIT_OTHERS:
+                if self._failure is None:
+                    self._failure = errors[0][1]
+                return
+        if self._failure is not None:
+            return  # nobody will read results after the pending exception
+        entry = (chunk.start, values, errors)
+        if not self._ordered:
+            self._released += len(values)
+            self._ready.append(entry)
+            return
+        pending = self._pending
+        pending[chunk.start] = entry
+        while self._released in pending:
+            entry = pending.pop(self._released)
+            self._released += len(entry[1])
+            self._ready.append(entry)
+
+    @staticmethod
+    def _attach_tracebacks(errors: list[ItemError]) -> None:
+        for _, exc, tb_text in errors:
+            if tb_text and exc.__cause__ is None:
+                exc.__cause__ = RemoteTraceback(tb_text)
+
+
+def _wrap(
+    start: int, values: list[Any], errors: list[ItemError] | None
+) -> Iterator[WorkerResultWrapper[Any]]:
+    if errors is None:
+        return map(WorkerResultWrapper, range(start, start + len(values)), values, repeat(None))
+    failed = {offset: exc for offset, exc, _ in errors}
+    return (
+        WorkerResultWrapper(start + offset, value, failed.get(offset))
+        for offset, value in enumerate(values)
+    )
+
+
+class MapResult(Generic[T]):
+    """The lazy result of ``map()``: iterate it, ``len()`` it (sized input), or ``close()`` it.
+
+    ``bool()`` is always True — it must never fall back to ``len()``, which raises for unsized
+    input. Iterating returns the underlying generator itself, so a ``for`` loop pays no
+    wrapper cost per item.
+    """
+
+    def __init__(self, generator: Iterator[WorkerResultWrapper[T]], length: int | None) -> None:
+        self._generator = generator
+        self._length = length
+
+    def __iter__(self) -> Iterator[WorkerResultWrapper[T]]:
+        return self._generator
+
+    def __next__(self) -> WorkerResultWrapper[T]:
+        return next(self._generator)
+
+    def __len__(self) -> int:
+        if self._length is None:
+            raise TypeError("the input of this map() has no len(); results are still streamed")
+        return self._length
+
+    def __bool__(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Stop this map early; items in flight are dropped and the pool stays usable."""
+        close = getattr(self._generator, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> MapResult[T]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,94 @@
+"""The messages that cross between the parent and a worker, one frozen dataclass per fact.
+
+Each message keeps its user data (items, results, exceptions) in a single ``payload`` field.
+The process transport pickles the small header and the payload separately, so when user data
+cannot be pickled or unpickled the failure belongs to one known chunk, never to the channel.
+
+Parent → worker: ``RunChunk``, ``Stop``.
+Worker → parent: ``Ready``, ``InitFailed``, ``ChunkDone``, ``ChunkUnreadable``.
+Backend → parent (synthesized, never sent): ``WorkerExited``, ``ResultUnreadable``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+#: One failed item inside a chunk: (offset in the chunk, exception, worker traceback text).
+ItemError = tuple[int, BaseException, str]
+
+
+@dataclass(frozen=True, slots=True)
+class RunChunk:
+    """Run consecutive input items ``start .. start+len(payload)-1``; payload is their list."""
+
+    chunk_id: int
+    start: int
+    payload: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Finish the running chunk, drop queued ones, and exit."""
+
+    payload: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The worker built its state and waits for chunks."""
+
+    pid: int
+    init_seconds: float
+    payload: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class InitFailed:
+    """The worker's constructor raised; payload is ``(exception, traceback_text)``."""
+
+    pid: int
+    payload: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkDone:
+    """Results of a chunk; payload is ``(values, errors)`` with ``errors: list[ItemError] | None``.
+
+    ``values`` has one entry per item; an entry whose offset appears in ``errors`` is None.
+    """
+
+    chunk_id: int
+    busy_seconds: float
+    oom_backoffs: int = 0
+    payload: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkUnreadable:
+    """The worker could not unpickle a chunk's items; payload is the reason as text."""
+
+    chunk_id: int
+    payload: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResultUnreadable:
+    """The parent could not unpickle a chunk's results; payload is the reason as text."""
+
+    chunk_id: int
+    payload: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerExited:
+    """The worker's process or thread ended; ``exitcode`` is negative for a signal."""
+
+    pid: int | None
+    exitcode: int | None
+    crash_report: str = ""
+    payload: Any = None
+
+
+ToWorker = RunChunk | Stop
+FromWorker = Ready | InitFailed | ChunkDone | ChunkUnreadable | ResultUnreadable | WorkerExited

@@ -1,0 +1,46 @@
+"""The interface between the scheduler and whatever runs the workers."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .._protocol import FromWorker, ToWorker
+
+#: (worker index, message) — every fact the scheduler learns arrives in this shape.
+Event = tuple[int, FromWorker]
+
+
+class Backend(Protocol):
+    """Start workers, send them messages, and report what they say and when they end.
+
+    ``wait`` is the only place the parent blocks: it returns as soon as any worker has
+    something to say *or has died*, so a dead worker can never leave the parent waiting.
+    """
+
+    #: Whether a stuck worker can be killed (processes yes, threads no).
+    can_kill: bool
+
+    def start_worker(self, index: int) -> None:
+        """Start (or restart) worker ``index``; it answers with Ready or InitFailed."""
+
+    def send(self, index: int, message: ToWorker) -> None:
+        """Hand a message to a worker; raises ``SerializationError`` if its payload won't pickle."""
+
+    def wait(self, timeout: float | None) -> list[Event]:
+        """Block until at least one event or until ``timeout`` seconds pass."""
+
+    def kill(self, index: int) -> None:
+        """End worker ``index`` now; its ``WorkerExited`` event follows from ``wait``."""
+
+    def retire(self, index: int) -> None:
+        """Let worker ``index`` exit once idle and forget it, so a fresh one can take its slot."""
+
+    def pid(self, index: int) -> int | None:
+        """The worker's process id (the parent's for threads)."""
+
+    def shutdown(self, grace: float | None, *, cancel: bool) -> None:
+        """Stop every worker: ask politely, wait up to ``grace`` seconds, then force.
+
+        With ``cancel`` the workers may be busy with work nobody will read; backends that
+        can kill do so right after the grace period.
+        """

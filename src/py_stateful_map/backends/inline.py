@@ -1,0 +1,48 @@
+"""A single worker running in the caller's thread (``num_workers=0``), for debugging.
+
+Everything happens synchronously inside ``send``, so a debugger breakpoint or a print in the
+worker behaves as in a plain loop, and tracebacks are local.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+
+from .._protocol import RunChunk, ToWorker
+from .._worker_runtime import WorkerRuntime, WorkerSpec
+from .base import Event
+
+
+class InlineBackend:
+    """Run the one worker in the caller's thread."""
+
+    can_kill = False
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self._runtime = WorkerRuntime(spec)
+        self._events: deque[Event] = deque()
+
+    def start_worker(self, index: int) -> None:
+        self._events.append((index, self._runtime.start()))
+
+    def send(self, index: int, message: ToWorker) -> None:
+        if isinstance(message, RunChunk):
+            self._events.append((index, self._runtime.run_chunk(message, message.payload)))
+
+    def pid(self, index: int) -> int | None:
+        return os.getpid()
+
+    def wait(self, timeout: float | None) -> list[Event]:
+        events = list(self._events)
+        self._events.clear()
+        return events
+
+    def kill(self, index: int) -> None:
+        raise RuntimeError("the inline worker cannot be killed")  # callers check can_kill
+
+    def retire(self, index: int) -> None:
+        """Nothing to stop: the next ``start_worker`` builds fresh state."""
+
+    def shutdown(self, grace: float | None, *, cancel: bool) -> None:
+        self._events.clear()

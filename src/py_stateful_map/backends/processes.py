@@ -1,0 +1,228 @@
+"""Workers as processes, one duplex pipe each.
+
+A pipe per worker (not a shared queue) means a killed worker cannot leave a lock held, the
+parent always knows which chunks a worker holds, and the worker sees EOF when the parent dies.
+``wait`` watches every pipe *and* every process sentinel in one
+``multiprocessing.connection.wait`` call, so a worker that dies is noticed as fast as a worker
+that answers (the reason ``multiprocessing.Pool`` hangs on a SIGKILLed worker is that it only
+watches a result queue).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from .._protocol import (
+    ChunkDone,
+    FromWorker,
+    InitFailed,
+    ResultUnreadable,
+    Stop,
+    ToWorker,
+    WorkerExited,
+)
+from .._serialization import decode_header, dumps_by_value, encode, with_payload
+from .._worker_process import worker_process_main
+from .._worker_runtime import WorkerSpec
+from ..errors import SerializationError
+from .base import Event
+
+logger = logging.getLogger("py_stateful_map")
+
+
+class ProcessBackend:
+    """Run each worker in its own process started with ``start_method``."""
+
+    can_kill = True
+
+    def __init__(
+        self, specs: Sequence[WorkerSpec], envs: Sequence[dict[str, str]], start_method: str
+    ) -> None:
+        self._ctx: Any = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            # Workers fork from a server that already imported us: faster starts.
+            self._ctx.set_forkserver_preload(["py_stateful_map._worker_process"])
+        try:
+            self._spec_bytes = [dumps_by_value(spec) for spec in specs]
+        except Exception as exc:
+            raise SerializationError(
+                f"the worker {specs[0].target!r} or its init kwargs cannot be pickled to send "
+                f"to a worker process: {exc}; install cloudpickle, or use backend='threads'"
+            ) from exc
+        self._envs = list(envs)
+        count = len(specs)
+        self._processes: list[BaseProcess | None] = [None] * count
+        self._conns: list[Connection | None] = [None] * count
+        self._at_eof: set[int] = set()
+        self._retiring: list[tuple[BaseProcess, Connection]] = []
+        self._crash_dir = Path(tempfile.mkdtemp(prefix="py_stateful_map-"))
+
+    def _crash_log(self, index: int) -> Path:
+        return self._crash_dir / f"worker-{index}.log"
+
+    def start_worker(self, index: int) -> None:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=worker_process_main,
+            args=(
+                child_conn,
+                self._envs[index],
+                self._spec_bytes[index],
+                str(self._crash_log(index)),
+            ),
+            name=f"py_stateful_map-worker-{index}",
+        )
+        process.start()
+        child_conn.close()  # only the child holds its end, so EOF reaches each side on death
+        self._processes[index] = process
+        self._conns[index] = parent_conn
+        self._at_eof.discard(index)
+
+    def send(self, index: int, message: ToWorker) -> None:
+        try:
+            frame = encode(message)
+        except Exception as exc:
+            raise SerializationError(f"{type(exc).__name__}: {exc}") from exc
+        conn = self._conns[index]
+        if conn is None:
+            return  # already reaped: its WorkerExited event carries the consequences
+        with contextlib.suppress(OSError):  # a dead worker's sentinel reports it; chunks re-run
+            conn.send_bytes(frame)
+
+    def pid(self, index: int) -> int | None:
+        process = self._processes[index]
+        return None if process is None else process.pid
+
+    def wait(self, timeout: float | None) -> list[Event]:
+        watched: dict[Any, int] = {}
+        for index, process in enumerate(self._processes):
+            if process is not None:
+                watched[process.sentinel] = index
+                conn = self._conns[index]
+                if conn is not None and index not in self._at_eof:
+                    watched[conn] = index
+        for process, _ in self._retiring:
+            watched[process.sentinel] = -1
+        if not watched:
+            return []
+        ready = wait(list(watched), timeout)
+        events: list[Event] = []
+        died: list[int] = []
+        for handle in ready:
+            index = watched[handle]
+            if index < 0:
+                self._reap_retired()
+            elif isinstance(handle, int):
+                died.append(index)
+            else:
+                self._drain(index, events)
+        for index in died:
+            self._drain(index, events)  # results sent just before death come first
+            events.append((index, self._reap(index)))
+        return events
+
+    def _drain(self, index: int, events: list[Event]) -> None:
+        conn = self._conns[index]
+        if conn is None or index in self._at_eof:
+            return
+        try:
+            while conn.poll():
+                events.append((index, _decode(conn.recv_bytes())))
+        except (EOFError, OSError):
+            self._at_eof.add(index)  # the sentinel will fire too; it reports the death
+
+    def _reap(self, index: int) -> WorkerExited:
+        process, conn = self._processes[index], self._conns[index]
+        assert process is not None
+        process.join(timeout=5)
+        if conn is not None:
+            conn.close()
+        self._processes[index] = self._conns[index] = None
+        return WorkerExited(
+            pid=process.pid, exitcode=process.exitcode, crash_report=self._read_crash(index)
+        )
+
+    def _read_crash(self, index: int) -> str:
+        path = self._crash_log(index)
+        try:
+            return path.read_text(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def kill(self, index: int) -> None:
+        process = self._processes[index]
+        if process is not None:
+            process.kill()
+
+    def retire(self, index: int) -> None:
+        """Ask worker ``index`` to exit once idle, and forget it; a new one may take its slot."""
+        process, conn = self._processes[index], self._conns[index]
+        if process is None or conn is None:
+            return
+        _send_stop(conn)
+        self._retiring.append((process, conn))
+        self._processes[index] = self._conns[index] = None
+
+    def _reap_retired(self) -> None:
+        still: list[tuple[BaseProcess, Connection]] = []
+        for process, conn in self._retiring:
+            if process.is_alive():
+                still.append((process, conn))
+            else:
+                process.join()
+                conn.close()
+        self._retiring = still
+
+    def shutdown(self, grace: float | None, *, cancel: bool) -> None:
+        live = [(p, c) for p, c in zip(self._processes, self._conns, strict=True) if p is not None]
+        live += self._retiring
+        for _, conn in live:
+            if conn is not None:
+                _send_stop(conn)
+        deadline = None if grace is None else time.monotonic() + grace
+        for process, _ in live:
+            process.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        for process, _ in live:
+            if process.is_alive():
+                logger.warning("worker pid %s did not stop in time; terminating it", process.pid)
+                process.terminate()
+                process.join(1.0)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for _, conn in live:
+            if conn is not None:
+                conn.close()
+        self._processes = [None] * len(self._processes)
+        self._conns = [None] * len(self._conns)
+        self._retiring = []
+        shutil.rmtree(self._crash_dir, ignore_errors=True)
+
+
+def _send_stop(conn: Connection) -> None:
+    with contextlib.suppress(OSError):  # already gone
+        conn.send_bytes(encode(Stop()))
+
+
+def _decode(frame: bytes) -> FromWorker:
+    header, raw_payload = decode_header(frame)
+    try:
+        return with_payload(header, raw_payload)  # type: ignore[no-any-return]
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(header, ChunkDone):
+            return ResultUnreadable(header.chunk_id, payload=reason)
+        if isinstance(header, InitFailed):
+            error = SerializationError(f"the constructor's exception cannot be unpickled: {reason}")
+            return InitFailed(header.pid, payload=(error, ""))
+        raise

@@ -1,0 +1,313 @@
+"""``StateFullWorkerPool``: the public face of the core — options, lifecycle and ``map()``.
+
+The pool validates options, picks a backend, starts every worker (each builds its state once,
+inside the worker) and then serves any number of ``map()`` calls on those live workers. The
+moving parts live elsewhere: ``_map_run`` streams one map, ``_dispatcher`` keeps the workers
+and applies the fault policy, ``backends/*`` carry messages, ``_worker_runtime`` runs inside
+the worker.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import multiprocessing
+import time
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Generic, TypeVar
+
+from ._chunking import ChunkSizer
+from ._dispatcher import Dispatcher, FaultPolicy
+from ._map_run import MapResult, MapRun
+from ._worker_runtime import WorkerSpec
+from ._worker_stats import WorkerSlot
+from .backends.base import Backend
+from .errors import PoolBrokenError, PoolBusyError, PoolError
+from .results import ArgumentPassing, ExceptionBehavior, WorkerResultWrapper
+from .stats import PoolStats
+
+logger = logging.getLogger("py_stateful_map")
+
+T = TypeVar("T")
+
+BACKENDS = ("processes", "threads", "inline")
+#: Seconds a normal ``close()`` waits for workers when ``join_timeout`` is None.
+DEFAULT_JOIN_TIMEOUT = 10.0
+#: Seconds a cancelling ``close()`` (exception, abandoned map) waits before terminating.
+DEFAULT_CANCEL_GRACE = 1.0
+
+
+def default_start_method() -> str:
+    """``forkserver`` where available: CUDA-safe (never forks a CUDA parent) and fast to start.
+
+    Workers fork from a clean server process instead of the caller, so a parent that has
+    initialized CUDA, or holds threads and locks, cannot poison them; ``spawn`` elsewhere.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+class StateFullWorkerPool(Generic[T]):
+    """A pool of workers that each build their state once, then process a stream of items.
+
+    >>> class Doubler:
+    ...     def __init__(self, factor: int) -> None:
+    ...         self.factor = factor            # e.g. load a model here, once per worker
+    ...     def __call__(self, x: int) -> int:
+    ...         return x * self.factor
+    >>> with StateFullWorkerPool(2, Doubler, {"factor": 2}, backend="threads") as pool:
+    ...     [r.ret_val for r in pool.map(range(5))]
+    [0, 2, 4, 6, 8]
+
+    ``num_workers=0`` runs one worker in the calling thread (for debugging). ``join_timeout``
+    bounds how long closing waits for busy workers before terminating them (None: 10 s after
+    a normal exit, 1 s after an exception or an abandoned map; Ctrl-C terminates at once).
+    ``worker_env_arr`` sets environment variables in each worker process before any user code
+    is imported (e.g. ``OMP_NUM_THREADS``). ``batch_size`` hands the worker lists of items
+    (see ``DevicePool``).
+    """
+
+    def __init__(
+        self,
+        num_workers: int,
+        worker_class_or_func: Callable[..., Any],
+        shared_kwarg_dict: dict[str, Any] | None = None,
+        worker_kwarg_dict_arr: Sequence[dict[str, Any]] | None = None,
+        argument_passing: ArgumentPassing = ArgumentPassing.AS_SINGLE_ARG,
+        exception_behavior: ExceptionBehavior = ExceptionBehavior.IMMEDIATE,
+        use_threads: bool = False,
+        join_timeout: float | None = None,
+        chunk_size: int | None = None,
+        start_method: str | None = None,
+        max_retries: int = 1,
+        max_restarts: int | None = None,
+        task_timeout: float | None = None,
+        init_timeout: float | None = None,
+        max_tasks_per_worker: int | None = None,
+        backend: str = "processes",
+        *,
+        batch_size: int | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        worker_env_arr: Sequence[dict[str, str]] | None = None,
+        worker_device_arr: Sequence[str] | None = None,
+    ) -> None:
+        backend = "threads" if use_threads else backend
+        if num_workers == 0:
+            backend = "inline"
+        _validate(
+            num_workers,
+            backend,
+            worker_class_or_func,
+            shared_kwarg_dict,
+            worker_kwarg_dict_arr,
+            argument_passing,
+            chunk_size,
+            max_retries,
+            task_timeout,
+            batch_size,
+            max_tasks_per_worker,
+        )
+        self._slot_count = max(1, num_workers)
+        self.backend_name = backend
+        self._behavior = ExceptionBehavior(exception_behavior)
+        self._join_timeout = join_timeout
+        self._chunk_size = 1 if task_timeout is not None else (batch_size or chunk_size)
+        self.start_method = start_method or default_start_method()
+        specs = [
+            WorkerSpec(
+                target=worker_class_or_func,
+                init_kwargs={**(shared_kwarg_dict or {}), **per_worker},
+                argument_passing=ArgumentPassing(argument_passing),
+                batch_size=batch_size,
+                collate_fn=collate_fn,
+            )
+            for per_worker in (worker_kwarg_dict_arr or [{}] * self._slot_count)
+        ]
+        envs = list(worker_env_arr or [{}] * self._slot_count)
+        devices = list(worker_device_arr or [None] * self._slot_count)  # type: ignore[list-item]
+        self._backend = self._make_backend(specs, envs)
+        self._closed = False
+        self._finalizer = weakref.finalize(self, self._backend.shutdown, 0.0, cancel=True)
+        slots = [WorkerSlot(index=i, device=devices[i]) for i in range(self._slot_count)]
+        policy = FaultPolicy(
+            max_retries, max_restarts, task_timeout, init_timeout, max_tasks_per_worker
+        )
+        self._dispatcher = Dispatcher(self._backend, slots, policy)
+        self._started_at = time.monotonic()
+        try:
+            self._dispatcher.start_all()
+        except BaseException:
+            self.close(cancel=True)
+            raise
+        logger.info("started %d %s worker(s)", self._slot_count, backend)
+
+    def _make_backend(self, specs: list[WorkerSpec], envs: list[dict[str, str]]) -> Backend:
+        if self.backend_name == "inline":
+            from .backends.inline import InlineBackend
+
+            return InlineBackend(specs[0])
+        if self.backend_name == "threads":
+            from .backends.threads import ThreadBackend
+
+            return ThreadBackend(specs)
+        _refuse_fork_after_cuda(self.start_method)
+        from .backends.processes import ProcessBackend
+
+        return ProcessBackend(specs, envs, self.start_method)
+
+    @property
+    def num_workers(self) -> int:
+        """How many workers run (1 for ``num_workers=0``, which runs one inline)."""
+        return self._slot_count
+
+    def map(self, input_iterable: Iterable[Any], is_unordered: bool = False) -> MapResult[T]:
+        """Stream ``input_iterable`` through the workers; lazily, with bounded read-ahead.
+
+        Results come in input order unless ``is_unordered``. ``len()`` of the result is the
+        input's length when it has one. Only one map may be in progress per pool at a time.
+        """
+        self._check_usable()
+        try:
+            length: int | None = len(input_iterable)  # type: ignore[arg-type]
+        except TypeError:
+            length = None
+        return MapResult(self._stream(input_iterable, length, not is_unordered), length)
+
+    def _stream(self, source: Iterable[Any], length: int | None, ordered: bool) -> Any:
+        dispatcher = self._dispatcher
+        if dispatcher.busy:
+            raise PoolBusyError(
+                "another map() on this pool is still in progress; consume or close() it first"
+            )
+        self._check_usable()
+        dispatcher.busy = True
+        sizer = ChunkSizer(self._slot_count, self._chunk_size)
+        run = MapRun(
+            dispatcher, source, length, ordered=ordered, behavior=self._behavior, sizer=sizer
+        )
+        try:
+            yield from run.results()
+        except PoolError as exc:
+            if isinstance(exc, PoolBrokenError) or dispatcher.broken:
+                self._broken = exc
+            raise
+        finally:
+            dispatcher.busy = False
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise PoolBrokenError("this pool is closed")
+        broken = getattr(self, "_broken", None)
+        if broken is not None:
+            raise PoolBrokenError(f"this pool is broken: {broken}") from broken
+
+    def stats(self) -> PoolStats:
+        """Per-worker counters (items, busy/idle seconds, restarts, retries, OOM back-offs)."""
+        return PoolStats(
+            workers=tuple(slot.as_dict() for slot in self._dispatcher.slots),
+            elapsed_seconds=time.monotonic() - self._started_at,
+            restarts=self._dispatcher.restarts,
+        )
+
+    def close(self, *, cancel: bool = False) -> None:
+        """Stop every worker: let each finish its current chunk, then terminate stragglers."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._join_timeout is not None:
+            grace = self._join_timeout
+        else:
+            grace = DEFAULT_CANCEL_GRACE if cancel else DEFAULT_JOIN_TIMEOUT
+        self._finalizer.detach()
+        self._backend.shutdown(grace, cancel=cancel)
+        logger.info("stopped %d %s worker(s)", self._slot_count, self.backend_name)
+
+    def terminate(self) -> None:
+        """Stop every worker now, without waiting for running items."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer.detach()
+        self._backend.shutdown(0.0, cancel=True)
+
+    def __enter__(self) -> StateFullWorkerPool[T]:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.terminate()
+        else:
+            self.close(cancel=exc_type is not None)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<StateFullWorkerPool {self._slot_count} {self.backend_name} worker(s), {state}>"
+
+
+def _validate(
+    num_workers: int,
+    backend: str,
+    worker: Callable[..., Any],
+    shared_kwargs: dict[str, Any] | None,
+    per_worker_kwargs: Sequence[dict[str, Any]] | None,
+    argument_passing: ArgumentPassing,
+    chunk_size: int | None,
+    max_retries: int,
+    task_timeout: float | None,
+    batch_size: int | None,
+    max_tasks_per_worker: int | None,
+) -> None:
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not callable(worker):
+        raise TypeError(f"worker_class_or_func must be a class or a function, got {worker!r}")
+    has_kwargs = bool(shared_kwargs) or any(per_worker_kwargs or ())
+    if has_kwargs and not inspect.isclass(worker):
+        raise ValueError(
+            f"{getattr(worker, '__name__', worker)!r} is a function, so it takes no init kwargs; "
+            "pass a class whose __init__ takes them (and whose __call__ processes an item)"
+        )
+    if per_worker_kwargs is not None and len(per_worker_kwargs) != max(1, num_workers):
+        raise ValueError(
+            f"worker_kwarg_dict_arr has {len(per_worker_kwargs)} dicts for "
+            f"{max(1, num_workers)} worker(s); give exactly one per worker"
+        )
+    for name, value in (
+        ("chunk_size", chunk_size),
+        ("batch_size", batch_size),
+        ("max_tasks_per_worker", max_tasks_per_worker),
+    ):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    if max_retries < 0:
+        raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+    if task_timeout is not None and backend != "processes":
+        raise ValueError(
+            f"task_timeout needs backend='processes': a stuck {backend} worker cannot be "
+            "killed, only a process can"
+        )
+    if task_timeout is not None and chunk_size not in (None, 1):
+        raise ValueError("task_timeout times each item, so it needs chunk_size=None or 1")
+    if (
+        batch_size is not None
+        and ArgumentPassing(argument_passing) is not ArgumentPassing.AS_SINGLE_ARG
+    ):
+        raise ValueError("batch_size hands the worker a list of items: use AS_SINGLE_ARG")
+
+
+def _refuse_fork_after_cuda(start_method: str) -> None:
+    if start_method != "fork":
+        return
+    from ._device_discovery import cuda_initialized_in_this_process
+
+    if cuda_initialized_in_this_process():
+        raise ValueError(
+            "start_method='fork' after CUDA was initialized in this process would break CUDA "
+            "in every worker; use the default (forkserver) or 'spawn'"
+        )
+
+
+__all__ = ["StateFullWorkerPool", "WorkerResultWrapper"]

@@ -1,0 +1,63 @@
+"""Shared fixtures: every test must leave no worker process and no worker thread behind."""
+
+from __future__ import annotations
+
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
+import threading
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+#: Backends every behaviour test runs against (the inline one has a single worker).
+LOCAL_BACKENDS = ["processes", "threads"]
+
+
+def _infrastructure_pids() -> set[int]:
+    """Long-lived helpers of multiprocessing itself, shared by all tests (not leaks)."""
+    pids = set()
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    if server is not None and getattr(server, "_forkserver_pid", None):
+        pids.add(server._forkserver_pid)
+    tracker = getattr(multiprocessing.resource_tracker, "_resource_tracker", None)
+    if tracker is not None and getattr(tracker, "_pid", None):
+        pids.add(tracker._pid)
+    return pids
+
+
+def leftover_children() -> list[psutil.Process]:
+    """Child processes of this test process that are not multiprocessing's own helpers."""
+    infra = _infrastructure_pids()
+    leftovers = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.pid in infra:
+                continue
+            if child.status() == "zombie":
+                continue
+        except psutil.NoSuchProcess:
+            continue
+        leftovers.append(child)
+    return leftovers
+
+
+def leftover_worker_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("py_stateful_map-worker")]
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_workers() -> Iterator[None]:
+    """Fail a test that leaves a worker process or worker thread running."""
+    yield
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        if not leftover_children() and not leftover_worker_threads():
+            return
+        time.sleep(0.05)
+    procs = leftover_children()
+    threads = leftover_worker_threads()
+    for proc in procs:  # do not poison the following tests
+        proc.kill()
+    pytest.fail(f"left behind: processes {[p.pid for p in procs]}, threads {threads}")
