@@ -18,14 +18,14 @@ Data flow::
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
-from itertools import islice, repeat
+from collections.abc import Generator, Iterable, Iterator
+from itertools import chain, islice, repeat
 from typing import Any, Generic, TypeVar
 
 from ._chunking import ChunkSizer
 from ._dispatcher import Chunk, Completion, Dispatcher
 from ._protocol import ItemError
-from .errors import RemoteTraceback
+from .errors import PoolBrokenError, PoolBusyError, RemoteTraceback
 from .results import ExceptionBehavior, WorkerResultWrapper
 
 T = TypeVar("T")
@@ -62,14 +62,28 @@ class MapRun:
         self._ready: deque[Ready] = deque()
         self._failure: BaseException | None = None  # IMMEDIATE_WAIT_OTHERS: raise when idle
 
-    def results(self) -> Iterator[WorkerResultWrapper[Any]]:
-        """Yield every item's outcome; leaves the dispatcher clean however it ends."""
+    def batches(self) -> Generator[Iterator[WorkerResultWrapper[Any]], None, None]:
+        """Yield one iterator of outcomes per completed chunk, in the order the caller sees.
+
+        The caller flattens these with ``itertools.chain.from_iterable``, so the per-item path
+        (building each ``WorkerResultWrapper``) runs in C and this generator resumes once per
+        chunk, not once per item.
+        """
+        dispatcher = self._dispatcher
+        if dispatcher.busy:
+            raise PoolBusyError(
+                "another map() on this pool is still in progress; consume or close() it first"
+            )
+        if dispatcher.broken:
+            raise PoolBrokenError("this pool is broken: a previous map() gave up on its workers")
+        dispatcher.busy = True
         try:
             yield from self._run()
         finally:
-            self._dispatcher.end_run()
+            dispatcher.busy = False
+            dispatcher.end_run()
 
-    def _run(self) -> Iterator[WorkerResultWrapper[Any]]:
+    def _run(self) -> Iterator[Iterator[WorkerResultWrapper[Any]]]:
         ready = self._ready
         while True:
             if self._failure is None:
@@ -80,7 +94,7 @@ class MapRun:
                 if self._failure is not None:  # wait only for what is on a worker now
                     self._in_progress -= self._dispatcher.drop_retries()
             while ready:
-                yield from _wrap(*ready.popleft())
+                yield _wrap(*ready.popleft())
             if not self._in_progress and (self._input_done or self._failure is not None):
                 break
         if self._failure is not None:
@@ -177,19 +191,22 @@ class MapResult(Generic[T]):
     """The lazy result of ``map()``: iterate it, ``len()`` it (sized input), or ``close()`` it.
 
     ``bool()`` is always True — it must never fall back to ``len()``, which raises for unsized
-    input. Iterating returns the underlying generator itself, so a ``for`` loop pays no
-    wrapper cost per item.
+    input. Iterating returns a C-level flattening iterator over per-chunk batches, so a ``for``
+    loop pays no Python-level wrapper cost per item.
     """
 
-    def __init__(self, generator: Iterator[WorkerResultWrapper[T]], length: int | None) -> None:
-        self._generator = generator
+    def __init__(
+        self, batches: Generator[Iterator[WorkerResultWrapper[T]], None, None], length: int | None
+    ) -> None:
+        self._batches = batches
+        self._items: Iterator[WorkerResultWrapper[T]] = chain.from_iterable(batches)
         self._length = length
 
     def __iter__(self) -> Iterator[WorkerResultWrapper[T]]:
-        return self._generator
+        return self._items
 
     def __next__(self) -> WorkerResultWrapper[T]:
-        return next(self._generator)
+        return next(self._items)
 
     def __len__(self) -> int:
         if self._length is None:
@@ -201,9 +218,7 @@ class MapResult(Generic[T]):
 
     def close(self) -> None:
         """Stop this map early; items in flight are dropped and the pool stays usable."""
-        close = getattr(self._generator, "close", None)
-        if close is not None:
-            close()
+        self._batches.close()
 
     def __enter__(self) -> MapResult[T]:
         return self

@@ -1,11 +1,12 @@
 """Entry point of a worker process: the child side of one duplex pipe.
 
-Two threads, no policy:
+The main thread builds state, then receives → runs → sends until ``Stop`` — nothing else.
+Reading happens only between chunks, so a worker that holds the GIL in user code never
+delays the parent: the parent never blocks on a write (it buffers what the pipe cannot take).
 
-- the *receiver* reads frames from the pipe into a local queue, so the parent can always
-  send (a pipe never fills up while the main thread is busy) and so the worker notices at once
-  when the parent is gone: EOF on the pipe ends the process, busy or idle;
-- the *main thread* builds state, then receives → runs → sends until ``Stop``.
+A watchdog thread sleeps in ``poll()`` on the pipe waiting only for hang-up: when the parent
+dies, the kernel closes its end and the worker exits at once, busy or idle. Where the parent
+is also the OS parent (spawn, fork), ``PR_SET_PDEATHSIG`` is a second line of defence.
 
 Ctrl-C is the parent's to handle: workers ignore SIGINT, so they print no tracebacks of
 their own when the user interrupts a run.
@@ -13,9 +14,11 @@ their own when the user interrupts a run.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import faulthandler
 import os
-import queue
+import select
 import signal
 import sys
 import threading
@@ -24,56 +27,58 @@ from typing import Any
 
 from ._protocol import ChunkDone, ChunkUnreadable, InitFailed, ItemError, Ready, RunChunk, Stop
 from ._serialization import decode_header, dumps, encode, loads, with_payload
-from ._worker_runtime import WorkerRuntime, WorkerSpec, format_exception_text
+from ._worker_runtime import WorkerRuntime, format_exception_text
 from .errors import SerializationError
 
-#: Exit status of a worker whose parent disappeared (EOF on its pipe).
+#: Exit status of a worker whose parent disappeared (hang-up on its pipe).
 EXIT_PARENT_GONE = 3
+_PR_SET_PDEATHSIG = 1
 
 
 def worker_process_main(
-    conn: Connection, env: dict[str, str], spec_bytes: bytes, crash_log_path: str
+    conn: Connection, env: dict[str, str], spec_bytes: bytes, crash_log_path: str, parent_pid: int
 ) -> None:
     """Run one worker until told to stop or until the parent goes away."""
     os.environ.update(env)  # before any user import: e.g. CUDA_VISIBLE_DEVICES
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     crash_log = open(crash_log_path, "w")  # noqa: SIM115, PTH123 - must outlive this frame
     faulthandler.enable(file=crash_log, all_threads=True)
-    inbox: queue.SimpleQueue[tuple[RunChunk, memoryview] | None] = queue.SimpleQueue()
-    stopping = threading.Event()
-    threading.Thread(
-        target=_receive_forever, args=(conn, inbox, stopping), name="psm-receiver", daemon=True
-    ).start()
+    _watch_parent(conn, parent_pid)
     try:
-        spec: WorkerSpec = loads(spec_bytes)
-        runtime = WorkerRuntime(spec)
+        runtime = WorkerRuntime(loads(spec_bytes))
         greeting: Ready | InitFailed = runtime.start()
-    except Exception as exc:
+    except Exception as exc:  # e.g. the worker class cannot be imported here
         greeting = InitFailed(pid=os.getpid(), payload=(exc, format_exception_text(exc)))
     _send(conn, greeting)
     if isinstance(greeting, InitFailed):
         return
-    while (received := inbox.get()) is not None and not stopping.is_set():
-        task, raw_items = received
+    while True:
+        try:
+            task, raw_items = decode_header(conn.recv_bytes())
+        except (EOFError, OSError):
+            os._exit(EXIT_PARENT_GONE)  # the parent is gone: nobody will read our results
+        if isinstance(task, Stop):
+            return
         _send(conn, _run(runtime, task, raw_items))
 
 
-def _receive_forever(
-    conn: Connection,
-    inbox: queue.SimpleQueue[tuple[RunChunk, memoryview] | None],
-    stopping: threading.Event,
-) -> None:
-    try:
+def _watch_parent(conn: Connection, parent_pid: int) -> None:
+    if os.getppid() == parent_pid and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(EXIT_PARENT_GONE)
+    hang_up = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
+    poller = select.poll()
+    poller.register(conn.fileno(), hang_up)
+
+    def watch() -> None:
         while True:
-            message, raw_payload = decode_header(conn.recv_bytes())
-            if isinstance(message, Stop):
-                stopping.set()
-                inbox.put(None)
-                return
-            inbox.put((message, raw_payload))
-    except (EOFError, OSError):
-        # The parent is gone (or closed our pipe without Stop): nobody will read our results.
-        os._exit(EXIT_PARENT_GONE)
+            if any(events & hang_up for _, events in poller.poll()):
+                os._exit(EXIT_PARENT_GONE)
+
+    threading.Thread(target=watch, name="psm-parent-watchdog", daemon=True).start()
 
 
 def _run(
@@ -93,8 +98,8 @@ def _send(conn: Connection, message: Ready | InitFailed | ChunkDone | ChunkUnrea
         frame = encode(_make_sendable(message))
     try:
         conn.send_bytes(frame)
-    except (BrokenPipeError, ConnectionResetError):
-        sys.exit(EXIT_PARENT_GONE)
+    except OSError:
+        os._exit(EXIT_PARENT_GONE)
 
 
 def _make_sendable(message: Any) -> Any:

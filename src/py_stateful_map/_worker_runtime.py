@@ -45,6 +45,8 @@ def _item_caller(state: Any, passing: ArgumentPassing) -> Callable[[Any], Any]:
         return lambda item: state(*item)
     if passing is ArgumentPassing.AS_KWARGS:
         return lambda item: state(**item)
+    if not inspect.isroutine(state) and hasattr(type(state), "__call__"):  # noqa: B004
+        return state.__call__  # type: ignore[no-any-return]  # a bound method calls faster
     return state  # type: ignore[no-any-return]
 
 
@@ -53,21 +55,26 @@ def run_items(
 ) -> tuple[list[Any], list[ItemError] | None]:
     """Call ``call`` on each item, keeping going past failures.
 
-    The try block costs nothing on the success path in CPython 3.11+, so tiny tasks pay only
-    for the call and the append.
+    ``list.extend(map(...))`` runs the loop in C and keeps the values produced before an
+    exception, so the failing item is at ``len(values)`` and the loop resumes after it: tiny
+    tasks pay only for the call itself.
     """
     values: list[Any] = []
-    append = values.append
     errors: list[ItemError] | None = None
-    for offset, item in enumerate(items):
+    count = len(items)
+    while True:
+        position = len(values)
         try:
-            append(call(item))
+            values.extend(map(call, items[position:] if position else items))
         except Exception as exc:
-            append(None)
+            offset = len(values)
+            values.append(None)
             if errors is None:
                 errors = []
             errors.append((offset, exc, format_exception_text(exc)))
-    return values, errors
+            if offset + 1 < count:
+                continue
+        return values, errors
 
 
 class WorkerRuntime:

@@ -23,7 +23,7 @@ from ._map_run import MapResult, MapRun
 from ._worker_runtime import WorkerSpec
 from ._worker_stats import WorkerSlot
 from .backends.base import Backend
-from .errors import PoolBrokenError, PoolBusyError, PoolError
+from .errors import PoolBrokenError
 from .results import ArgumentPassing, ExceptionBehavior, WorkerResultWrapper
 from .stats import PoolStats
 
@@ -172,35 +172,21 @@ class StateFullWorkerPool(Generic[T]):
             length: int | None = len(input_iterable)  # type: ignore[arg-type]
         except TypeError:
             length = None
-        return MapResult(self._stream(input_iterable, length, not is_unordered), length)
-
-    def _stream(self, source: Iterable[Any], length: int | None, ordered: bool) -> Any:
-        dispatcher = self._dispatcher
-        if dispatcher.busy:
-            raise PoolBusyError(
-                "another map() on this pool is still in progress; consume or close() it first"
-            )
-        self._check_usable()
-        dispatcher.busy = True
-        sizer = ChunkSizer(self._slot_count, self._chunk_size)
         run = MapRun(
-            dispatcher, source, length, ordered=ordered, behavior=self._behavior, sizer=sizer
+            self._dispatcher,
+            input_iterable,
+            length,
+            ordered=not is_unordered,
+            behavior=self._behavior,
+            sizer=ChunkSizer(self._slot_count, self._chunk_size),
         )
-        try:
-            yield from run.results()
-        except PoolError as exc:
-            if isinstance(exc, PoolBrokenError) or dispatcher.broken:
-                self._broken = exc
-            raise
-        finally:
-            dispatcher.busy = False
+        return MapResult(run.batches(), length)
 
     def _check_usable(self) -> None:
         if self._closed:
             raise PoolBrokenError("this pool is closed")
-        broken = getattr(self, "_broken", None)
-        if broken is not None:
-            raise PoolBrokenError(f"this pool is broken: {broken}") from broken
+        if self._dispatcher.broken:
+            raise PoolBrokenError("this pool is broken: a previous map() gave up on its workers")
 
     def stats(self) -> PoolStats:
         """Per-worker counters (items, busy/idle seconds, restarts, retries, OOM back-offs)."""

@@ -6,6 +6,11 @@ parent always knows which chunks a worker holds, and the worker sees EOF when th
 ``multiprocessing.connection.wait`` call, so a worker that dies is noticed as fast as a worker
 that answers (the reason ``multiprocessing.Pool`` hangs on a SIGKILLed worker is that it only
 watches a result queue).
+
+The parent never blocks on a write: a frame the pipe cannot take yet waits in that worker's
+outbox and is flushed when ``poll`` says the pipe is writable. Otherwise a parent blocked
+writing a large chunk to a busy worker could not read the results that worker (or another)
+is blocked writing — the classic two-way pipe deadlock.
 """
 
 from __future__ import annotations
@@ -13,11 +18,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
+import select
 import shutil
+import socket
+import struct
 import tempfile
 import time
+from collections import deque
 from collections.abc import Sequence
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -63,6 +73,8 @@ class ProcessBackend:
         count = len(specs)
         self._processes: list[BaseProcess | None] = [None] * count
         self._conns: list[Connection | None] = [None] * count
+        self._sockets: list[socket.socket | None] = [None] * count  # same fd, for MSG_DONTWAIT
+        self._outboxes: list[deque[memoryview]] = [deque() for _ in range(count)]
         self._at_eof: set[int] = set()
         self._retiring: list[tuple[BaseProcess, Connection]] = []
         self._crash_dir = Path(tempfile.mkdtemp(prefix="py_stateful_map-"))
@@ -79,6 +91,7 @@ class ProcessBackend:
                 self._envs[index],
                 self._spec_bytes[index],
                 str(self._crash_log(index)),
+                os.getpid(),
             ),
             name=f"py_stateful_map-worker-{index}",
         )
@@ -86,6 +99,8 @@ class ProcessBackend:
         child_conn.close()  # only the child holds its end, so EOF reaches each side on death
         self._processes[index] = process
         self._conns[index] = parent_conn
+        self._sockets[index] = socket.socket(fileno=parent_conn.fileno())
+        self._outboxes[index].clear()
         self._at_eof.discard(index)
 
     def send(self, index: int, message: ToWorker) -> None:
@@ -93,39 +108,75 @@ class ProcessBackend:
             frame = encode(message)
         except Exception as exc:
             raise SerializationError(f"{type(exc).__name__}: {exc}") from exc
-        conn = self._conns[index]
-        if conn is None:
+        sock = self._sockets[index]
+        if sock is None:
             return  # already reaped: its WorkerExited event carries the consequences
-        with contextlib.suppress(OSError):  # a dead worker's sentinel reports it; chunks re-run
-            conn.send_bytes(frame)
+        outbox = self._outboxes[index]
+        outbox.append(memoryview(_connection_frame(frame)))
+        if len(outbox) == 1:
+            self._flush(index)
+
+    def _flush(self, index: int) -> None:
+        """Write as much of the outbox as the pipe takes now, without blocking."""
+        sock, outbox = self._sockets[index], self._outboxes[index]
+        while outbox and sock is not None:
+            try:
+                sent = sock.send(outbox[0], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                outbox.clear()  # the worker died; its sentinel reports it, its chunks re-run
+                return
+            if sent == len(outbox[0]):
+                outbox.popleft()
+            else:
+                outbox[0] = outbox[0][sent:]
 
     def pid(self, index: int) -> int | None:
         process = self._processes[index]
         return None if process is None else process.pid
 
     def wait(self, timeout: float | None) -> list[Event]:
-        watched: dict[Any, int] = {}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            events = self._wait_once(deadline)
+            if events or (deadline is not None and time.monotonic() >= deadline):
+                return events
+
+    def _wait_once(self, deadline: float | None) -> list[Event]:
+        """One ``poll()`` over pipes (read, and write while an outbox is pending) and sentinels."""
+        poller = select.poll()
+        owner: dict[int, int] = {}
         for index, process in enumerate(self._processes):
-            if process is not None:
-                watched[process.sentinel] = index
-                conn = self._conns[index]
-                if conn is not None and index not in self._at_eof:
-                    watched[conn] = index
+            if process is None:
+                continue
+            owner[process.sentinel] = index
+            poller.register(process.sentinel, select.POLLIN)
+            conn = self._conns[index]
+            if conn is not None and index not in self._at_eof:
+                owner[conn.fileno()] = index
+                flags = select.POLLIN | (select.POLLOUT if self._outboxes[index] else 0)
+                poller.register(conn.fileno(), flags)
         for process, _ in self._retiring:
-            watched[process.sentinel] = -1
-        if not watched:
+            owner[process.sentinel] = -1
+            poller.register(process.sentinel, select.POLLIN)
+        if not owner:
             return []
-        ready = wait(list(watched), timeout)
+        wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+        ready = _poll(poller, wait_ms)
         events: list[Event] = []
         died: list[int] = []
-        for handle in ready:
-            index = watched[handle]
+        for fd, flags in ready:
+            index = owner[fd]
             if index < 0:
                 self._reap_retired()
-            elif isinstance(handle, int):
+            elif process_sentinel(self._processes[index]) == fd:
                 died.append(index)
             else:
-                self._drain(index, events)
+                if flags & select.POLLOUT:
+                    self._flush(index)
+                if flags & ~select.POLLOUT:
+                    self._drain(index, events)
         for index in died:
             self._drain(index, events)  # results sent just before death come first
             events.append((index, self._reap(index)))
@@ -142,12 +193,11 @@ class ProcessBackend:
             self._at_eof.add(index)  # the sentinel will fire too; it reports the death
 
     def _reap(self, index: int) -> WorkerExited:
-        process, conn = self._processes[index], self._conns[index]
+        process = self._processes[index]
         assert process is not None
         process.join(timeout=5)
-        if conn is not None:
-            conn.close()
-        self._processes[index] = self._conns[index] = None
+        self._close_channel(index)
+        self._processes[index] = None
         return WorkerExited(
             pid=process.pid, exitcode=process.exitcode, crash_report=self._read_crash(index)
         )
@@ -158,6 +208,16 @@ class ProcessBackend:
             return path.read_text(errors="replace").strip()
         except OSError:
             return ""
+
+    def _close_channel(self, index: int) -> None:
+        sock, conn = self._sockets[index], self._conns[index]
+        if sock is not None:
+            sock.detach()  # the fd belongs to the Connection, which closes it
+        if conn is not None:
+            conn.close()
+        self._sockets[index] = None
+        self._conns[index] = None
+        self._outboxes[index].clear()
 
     def kill(self, index: int) -> None:
         process = self._processes[index]
@@ -170,6 +230,11 @@ class ProcessBackend:
         if process is None or conn is None:
             return
         _send_stop(conn)
+        sock = self._sockets[index]
+        if sock is not None:
+            sock.detach()
+        self._sockets[index] = None
+        self._outboxes[index].clear()
         self._retiring.append((process, conn))
         self._processes[index] = self._conns[index] = None
 
@@ -200,13 +265,35 @@ class ProcessBackend:
             if process.is_alive():
                 process.kill()
                 process.join()
-        for _, conn in live:
-            if conn is not None:
-                conn.close()
+        for index in range(len(self._processes)):
+            self._close_channel(index)
+        for _, conn in self._retiring:
+            conn.close()
         self._processes = [None] * len(self._processes)
-        self._conns = [None] * len(self._conns)
         self._retiring = []
         shutil.rmtree(self._crash_dir, ignore_errors=True)
+
+
+def process_sentinel(process: BaseProcess | None) -> int | None:
+    return None if process is None else process.sentinel
+
+
+def _poll(poller: select.poll, wait_ms: int | None) -> list[tuple[int, int]]:
+    try:
+        return poller.poll(wait_ms)
+    except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
+        return []
+
+
+_SHORT = struct.Struct("!i")
+_LONG = struct.Struct("!iQ")
+
+
+def _connection_frame(frame: bytes) -> bytes:
+    """Frame bytes exactly as ``Connection.send_bytes`` does, so the child can ``recv_bytes``."""
+    if len(frame) > 0x7FFFFFFF:
+        return _LONG.pack(-1, len(frame)) + frame
+    return _SHORT.pack(len(frame)) + frame
 
 
 def _send_stop(conn: Connection) -> None:

@@ -1,0 +1,298 @@
+"""Worker-side batching: run a chunk of items through the state in sub-batches.
+
+This runs inside a worker. The worker loop hands :meth:`BatchRunner.run` a chunk
+of items and gets back one value or one exception per item; no item is lost or
+returned twice, whatever the state raises.
+
+    chunk -> sub-batches of the working size -> collate_fn -> state(batch)
+          -> results moved to the CPU -> split into one result per item
+
+Two failure policies, chosen by what was raised:
+
+- Out of memory (CUDA): the batch was too big, not wrong. Free the cache, halve
+  the working size, retry the same items; at size 1 the OOM is that item's error.
+  The smaller size is kept for later chunks and grows back cautiously.
+- Anything else: some item is bad. Bisect the sub-batch until the failing items
+  are alone; only they get the exception, the others get their results.
+
+Only the standard library is imported; torch and numpy are looked up in
+``sys.modules``, since a tensor or array can only exist if its module is loaded.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["BatchOutcome", "BatchRunner", "is_out_of_memory", "move_to_cpu", "split_batch_result"]
+
+_OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+_MAX_GROW_AFTER = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    """What one chunk produced.
+
+    ``values[i]`` is item i's result unless ``i in errors``, in which case
+    ``errors[i]`` is its exception (and ``values[i]`` is None). ``oom_backoffs``
+    counts how often the working size was halved while running this chunk.
+    """
+
+    values: list[Any]
+    errors: dict[int, BaseException] = field(default_factory=dict)
+    oom_backoffs: int = 0
+
+
+class BatchRunner:
+    """Calls a stateful callable on sub-batches of a chunk, with OOM back-off.
+
+    >>> runner = BatchRunner(lambda batch: [x * 2 for x in batch], batch_size=2)
+    >>> runner.run([1, 2, 3]).values
+    [2, 4, 6]
+
+    ``state(collate_fn(items))`` must return one result per item: a list or tuple
+    of that length, an array or tensor split along dim 0, or a dict (or
+    namedtuple) of those, split per key into one dict per item. ``collate_fn=None``
+    passes the plain list of items.
+
+    Grow-back rule: after an OOM the working size is half the sub-batch that ran
+    out. After ``grow_after`` consecutive successful sub-batches at the working
+    size it doubles, up to ``batch_size``. If a size reached by growing runs out
+    of memory again, ``grow_after`` doubles, so a limit that sits between two
+    sizes costs fewer and fewer failed attempts instead of one every few batches.
+    """
+
+    def __init__(
+        self,
+        state: Callable[[Any], Any],
+        batch_size: int,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        *,
+        grow_after: int = 8,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, not {batch_size!r}")
+        if grow_after < 1:
+            raise ValueError(f"grow_after must be >= 1, not {grow_after!r}")
+        self._state = state
+        self._collate = collate_fn
+        self._batch_size = batch_size
+        self._size = batch_size
+        self._grow_after = grow_after
+        self._streak = 0
+        self._size_was_grown = False
+        self._backoffs = 0
+
+    @property
+    def batch_size(self) -> int:
+        """The largest sub-batch the runner will ever use."""
+        return self._batch_size
+
+    @property
+    def working_size(self) -> int:
+        """The sub-batch size used next: ``batch_size`` until memory runs out."""
+        return self._size
+
+    def run(self, items: Sequence[Any]) -> BatchOutcome:
+        """Run every item once; return one value or exception per item."""
+        chunk = _Chunk(list(items))
+        backoffs_before = self._backoffs
+        self._run_in_steps(chunk, 0, len(chunk.items))
+        return BatchOutcome(chunk.values, chunk.errors, self._backoffs - backoffs_before)
+
+    def _run_in_steps(self, chunk: _Chunk, start: int, stop: int) -> None:
+        """Run items[start:stop] in sub-batches of the working size (which may shrink)."""
+        while start < stop:
+            end = min(start + self._size, stop)
+            self._run_span(chunk, start, end)
+            start = end
+
+    def _run_span(self, chunk: _Chunk, start: int, stop: int) -> None:
+        error = self._try_call(chunk, start, stop)
+        if error is None:
+            self._note_success(stop - start)
+        elif is_out_of_memory(error):
+            # The traceback's frames hold the batch's tensors: clear them before retrying.
+            traceback.clear_frames(error.__traceback__)
+            if stop - start == 1:
+                chunk.fail(start, stop, error)
+            del error
+            _release_cached_memory()
+            if stop - start > 1:
+                self._back_off(stop - start)
+                self._run_in_steps(chunk, start, stop)
+        elif stop - start == 1:
+            chunk.fail(start, stop, error)
+        else:
+            middle = (start + stop) // 2
+            self._run_in_steps(chunk, start, middle)
+            self._run_in_steps(chunk, middle, stop)
+
+    def _try_call(self, chunk: _Chunk, start: int, stop: int) -> Exception | None:
+        """Call the state on items[start:stop]; store the results, or return the error."""
+        sub_batch = chunk.items[start:stop]
+        try:
+            value = self._state(sub_batch if self._collate is None else self._collate(sub_batch))
+        except Exception as exc:
+            return exc
+        try:
+            chunk.succeed(start, split_batch_result(move_to_cpu(value), stop - start))
+        except Exception as exc:  # e.g. the wrong number of results: no retry would help
+            chunk.fail(start, stop, exc)
+        return None
+
+    def _note_success(self, span: int) -> None:
+        if span < self._size or self._size >= self._batch_size:
+            return  # a short sub-batch says nothing about whether the working size fits
+        self._streak += 1
+        if self._streak >= self._grow_after:
+            self._size = min(self._size * 2, self._batch_size)
+            self._streak = 0
+            self._size_was_grown = True
+
+    def _back_off(self, span: int) -> None:
+        if self._size_was_grown:
+            self._grow_after = min(self._grow_after * 2, _MAX_GROW_AFTER)
+        self._size = max(1, span // 2)
+        self._streak = 0
+        self._size_was_grown = False
+        self._backoffs += 1
+
+
+class _Chunk:
+    """The items of one ``run`` call and what each produced so far."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+        self.values: list[Any] = [None] * len(items)
+        self.errors: dict[int, BaseException] = {}
+
+    def succeed(self, start: int, results: Sequence[Any]) -> None:
+        self.values[start : start + len(results)] = results
+
+    def fail(self, start: int, stop: int, error: BaseException) -> None:
+        for position in range(start, stop):
+            self.errors[position] = error
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a CUDA out-of-memory error; never imports torch."""
+    torch = sys.modules.get("torch")
+    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if isinstance(oom_type, type) and isinstance(error, oom_type):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _OOM_MESSAGES)
+
+
+def _release_cached_memory() -> None:
+    """Best effort: hand the failed batch's GPU memory back before retrying smaller.
+
+    Collect first: tensors caught in reference cycles hold blocks the cache cannot
+    free. Skipped without CUDA, where there is no cache and a collection is waste.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    try:
+        if torch.cuda.is_initialized():
+            gc.collect()
+            torch.cuda.empty_cache()
+    except Exception:  # never let cleanup replace the real outcome
+        return
+
+
+def move_to_cpu(value: Any) -> Any:
+    """Copy tensors that live on a device to the CPU, inside lists, tuples and dicts too.
+
+    Results must cross a process boundary and outlive the GPU memory they came from.
+    Mappings come back as plain dicts; other objects are returned unchanged.
+    """
+    torch = sys.modules.get("torch")
+    return value if torch is None else _to_cpu(value, torch.Tensor)
+
+
+def _to_cpu(value: Any, tensor_type: Any) -> Any:
+    if isinstance(value, tensor_type):
+        return value if value.device.type == "cpu" else value.cpu()
+    if isinstance(value, Mapping):
+        return {key: _to_cpu(item, tensor_type) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(item, tensor_type) for item in value]
+    if isinstance(value, tuple):
+        moved = [_to_cpu(item, tensor_type) for item in value]
+        return _rebuild(value, moved) if _is_namedtuple(value) else tuple(moved)
+    return value
+
+
+def split_batch_result(value: Any, expected: int) -> list[Any]:
+    """One result per item from what a batched call returned.
+
+    >>> split_batch_result({"label": ["a", "b"], "score": [0.1, 0.9]}, 2)
+    [{'label': 'a', 'score': 0.1}, {'label': 'b', 'score': 0.9}]
+
+    Raises ``ValueError`` when the length is not ``expected``, ``TypeError`` when
+    the value cannot be split.
+    """
+    if isinstance(value, Mapping):
+        columns = {key: _split_column(column, expected, key) for key, column in value.items()}
+        return [{key: rows[i] for key, rows in columns.items()} for i in range(expected)]
+    if _is_namedtuple(value):
+        fields = [_split_column(column, expected, name) for name, column in value._asdict().items()]
+        return [_rebuild(value, row) for row in zip(*fields, strict=True)]
+    return _split_column(value, expected, None)
+
+
+def _split_column(value: Any, expected: int, key: object) -> list[Any]:
+    where = "" if key is None else f" under key {key!r}"
+    length = _leading_length(value, where)
+    if length != expected:
+        raise ValueError(
+            f"the batched call returned {length} results{where} for a batch of {expected} items; "
+            "it must return one result per item"
+        )
+    return _rows(value)
+
+
+def _leading_length(value: Any, where: str) -> int:
+    if isinstance(value, list | tuple):
+        return len(value)
+    if _is_array_or_tensor(value):
+        if len(value.shape) == 0:
+            raise ValueError(f"the batched call returned a 0-d {type(value).__name__}{where}")
+        return int(value.shape[0])
+    raise TypeError(
+        f"the batched call returned a {type(value).__name__}{where}; return a list, tuple, "
+        "numpy array or torch tensor with one entry per item, or a dict of those"
+    )
+
+
+def _rows(value: Any) -> list[Any]:
+    """Split along dim 0, copying rows: a view would pickle its whole batch's storage."""
+    if isinstance(value, list | tuple):
+        return list(value)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.ndarray):
+        return [row.copy() if isinstance(row, numpy.ndarray) else row for row in value]
+    return [row.clone() for row in value.unbind(0)]
+
+
+def _is_namedtuple(value: Any) -> bool:
+    return isinstance(value, tuple) and hasattr(value, "_fields")
+
+
+def _rebuild(record: Any, fields: Sequence[Any]) -> Any:
+    """A namedtuple of ``record``'s type holding ``fields``."""
+    return type(record)._make(fields)
+
+
+def _is_array_or_tensor(value: Any) -> bool:
+    numpy = sys.modules.get("numpy")
+    torch = sys.modules.get("torch")
+    return (numpy is not None and isinstance(value, numpy.ndarray)) or (
+        torch is not None and isinstance(value, torch.Tensor)
+    )
