@@ -32,6 +32,8 @@ from py_stateful_map._device_discovery import (
     visible_gpus,
 )
 
+from .conftest import leftover_children
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -490,8 +492,7 @@ def test_hanging_nvidia_smi_is_killed_after_the_timeout(
     started = time.monotonic()
     assert dd._probe_nvidia_smi(timeout=0.3) is None
     assert time.monotonic() - started < 10
-    psutil = pytest.importorskip("psutil")
-    assert psutil.Process().children(recursive=True) == []
+    assert leftover_children() == []
 
 
 def test_no_driver_at_all_means_no_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
