@@ -92,6 +92,7 @@ class FaultPolicy:
     task_timeout: float | None = None
     init_timeout: float | None = None
     max_tasks_per_worker: int | None = None
+    init_concurrency: int | None = None  # workers building state at once, at start-up
 
 
 @dataclass(eq=False)
@@ -113,9 +114,13 @@ class Dispatcher:
 
     def start_all(self) -> None:
         """Start every worker and wait until all are ready; raise ``WorkerInitError`` if not."""
-        for slot in self.slots:
-            self._start(slot)
-        while any(slot.state == "starting" for slot in self.slots):
+        waiting = deque(self.slots)
+        limit = self.policy.init_concurrency or len(self.slots)
+        while waiting or any(slot.state == "starting" for slot in self.slots):
+            starting = sum(1 for slot in self.slots if slot.state == "starting")
+            while waiting and starting < limit:
+                self._start(waiting.popleft())
+                starting += 1
             for index, message in self.backend.wait(self._timeout_until_deadline(None)):
                 slot = self.slots[index]
                 if isinstance(message, Ready):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from ._dispatcher import Chunk
 
-SlotState = Literal["starting", "ready"]
+SlotState = Literal["new", "starting", "ready"]
 
 
 @dataclass(eq=False)
@@ -19,7 +19,7 @@ class WorkerSlot:
 
     index: int
     device: str | None = None
-    state: SlotState = "starting"
+    state: SlotState = "new"
     pid: int | None = None
     in_flight: deque[Chunk] = field(default_factory=deque)
     running_since: float | None = None

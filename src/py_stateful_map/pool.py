@@ -91,6 +91,7 @@ class StateFullWorkerPool(Generic[T]):
         collate_fn: Callable[[list[Any]], Any] | None = None,
         worker_env_arr: Sequence[dict[str, str]] | None = None,
         worker_device_arr: Sequence[str] | None = None,
+        init_concurrency: int | None = None,
     ) -> None:
         backend = "threads" if use_threads else backend
         if num_workers == 0:
@@ -131,7 +132,12 @@ class StateFullWorkerPool(Generic[T]):
         self._finalizer = weakref.finalize(self, self._backend.shutdown, 0.0, cancel=True)
         slots = [WorkerSlot(index=i, device=devices[i]) for i in range(self._slot_count)]
         policy = FaultPolicy(
-            max_retries, max_restarts, task_timeout, init_timeout, max_tasks_per_worker
+            max_retries,
+            max_restarts,
+            task_timeout,
+            init_timeout,
+            max_tasks_per_worker,
+            init_concurrency,
         )
         self._dispatcher = Dispatcher(self._backend, slots, policy)
         self._started_at = time.monotonic()
@@ -287,13 +293,9 @@ def _validate(
 def _refuse_fork_after_cuda(start_method: str) -> None:
     if start_method != "fork":
         return
-    from ._device_discovery import cuda_initialized_in_this_process
+    from ._device_discovery import ensure_fork_is_safe
 
-    if cuda_initialized_in_this_process():
-        raise ValueError(
-            "start_method='fork' after CUDA was initialized in this process would break CUDA "
-            "in every worker; use the default (forkserver) or 'spawn'"
-        )
+    ensure_fork_is_safe(start_method)
 
 
 __all__ = ["StateFullWorkerPool", "WorkerResultWrapper"]

@@ -1,0 +1,103 @@
+"""``DevicePool``: one worker (or several) per device, each building its model on its device.
+
+The layer above the core pool. It resolves devices without touching CUDA in the parent, gives
+every worker its device through a constructor kwarg, isolates each process worker to its one
+GPU (``CUDA_VISIBLE_DEVICES`` set before any user import, so no worker also opens a context on
+GPU 0), keeps CPU workers from oversubscribing cores, and turns ``batch_size`` into batched
+calls with per-item results and out-of-memory back-off. Everything else is the core pool.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from ._device_discovery import CPU, DevicePlacement, DeviceProbe, DeviceRequest, place_devices
+from .pool import StateFullWorkerPool
+
+T = TypeVar("T")
+
+#: Thread-pool variables of the usual numeric libraries; set for CPU workers unless the user
+#: already chose a value, so N workers on N cores do not each start N threads.
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+class DevicePool(StateFullWorkerPool[T]):
+    """A pool with ``workers_per_device`` workers on each device, the device injected.
+
+    >>> class Model:
+    ...     def __init__(self, device: str) -> None:
+    ...         self.device = device               # e.g. torch.load(...).to(device)
+    ...     def __call__(self, batch: list[int]) -> list[str]:
+    ...         return [f"{x} on {self.device}" for x in batch]
+    >>> with DevicePool(Model, devices="cpu", batch_size=2, backend="threads") as pool:
+    ...     [r.ret_val for r in pool.map(range(3))]
+    ['0 on cpu', '1 on cpu', '2 on cpu']
+
+    ``devices``: ``"auto"`` (every visible GPU, else the CPU), ``"cpu"``, an int N (first N
+    GPUs) or a list like ``["cuda:0", 1]``. With ``batch_size`` the worker's ``__call__``
+    receives a list of items (or ``collate_fn(list)``) and returns one result per item; on
+    CUDA out-of-memory the batch is halved and retried (see ``stats()`` for back-offs).
+    ``init_concurrency`` caps how many workers build their model at once (host RAM).
+    ``device_probe`` replaces GPU discovery (tests, exotic drivers). Any other keyword is a
+    ``StateFullWorkerPool`` option (``exception_behavior``, ``backend``, ``max_retries``...).
+    """
+
+    def __init__(
+        self,
+        worker_class: Callable[..., Any],
+        devices: DeviceRequest = "auto",
+        workers_per_device: int = 1,
+        device_kwarg: str = "device",
+        batch_size: int | None = None,
+        *,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        shared_kwarg_dict: dict[str, Any] | None = None,
+        init_concurrency: int | None = None,
+        device_probe: DeviceProbe | None = None,
+        **pool_options: Any,
+    ) -> None:
+        if not isinstance(workers_per_device, int) or workers_per_device < 1:
+            raise ValueError(f"workers_per_device must be an int >= 1, got {workers_per_device!r}")
+        placements = [
+            placement
+            for placement in place_devices(devices, probe=device_probe)
+            for _ in range(workers_per_device)
+        ]
+        in_processes = _runs_in_processes(pool_options)
+        self.devices: list[str] = [placement.device for placement in placements]
+        super().__init__(
+            len(placements),
+            worker_class,
+            shared_kwarg_dict,
+            [{device_kwarg: p.worker_device if in_processes else p.device} for p in placements],
+            batch_size=batch_size,
+            collate_fn=collate_fn,
+            init_concurrency=init_concurrency,
+            worker_env_arr=_environments(placements) if in_processes else None,
+            worker_device_arr=self.devices,
+            **pool_options,
+        )
+
+
+def _runs_in_processes(options: dict[str, Any]) -> bool:
+    if options.get("use_threads"):
+        return False
+    return bool(options.get("backend", "processes") == "processes")
+
+
+def _environments(placements: Sequence[DevicePlacement]) -> list[dict[str, str]]:
+    cpu_workers = sum(1 for p in placements if p.device == CPU)
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, cpu_workers)))
+    environments = []
+    for placement in placements:
+        env = dict(placement.environ)
+        if placement.device == CPU:
+            for name in _THREAD_VARIABLES:
+                env.setdefault(name, os.environ.get(name, threads))
+        environments.append(env)
+    return environments
+
+
+__all__ = ["DevicePool"]
