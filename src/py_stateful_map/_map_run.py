@@ -18,7 +18,7 @@ Data flow::
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from itertools import chain, islice, repeat
 from typing import Any, Generic, TypeVar
 
@@ -196,10 +196,18 @@ class MapResult(Generic[T]):
     """
 
     def __init__(
-        self, batches: Generator[Iterator[WorkerResultWrapper[T]], None, None], length: int | None
+        self,
+        batches: Generator[Iterator[WorkerResultWrapper[T]], None, None],
+        length: int | None,
+        decorate: Callable[
+            [Iterator[WorkerResultWrapper[T]], int | None], Iterator[WorkerResultWrapper[T]]
+        ]
+        | None = None,
     ) -> None:
         self._batches = batches
         self._items: Iterator[WorkerResultWrapper[T]] = chain.from_iterable(batches)
+        if decorate is not None:
+            self._items = decorate(self._items, length)
         self._length = length
 
     def __iter__(self) -> Iterator[WorkerResultWrapper[T]]:
@@ -218,6 +226,9 @@ class MapResult(Generic[T]):
 
     def close(self) -> None:
         """Stop this map early; items in flight are dropped and the pool stays usable."""
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()  # e.g. a progress bar's own generator: let it close the bar
         self._batches.close()
 
     def __enter__(self) -> MapResult[T]:

@@ -14,12 +14,13 @@ import logging
 import multiprocessing
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 from ._chunking import ChunkSizer
 from ._dispatcher import Dispatcher, FaultPolicy
 from ._map_run import MapResult, MapRun
+from ._progress import ProgressOption, ResultCallback, resolve_progress, with_progress
 from ._worker_runtime import WorkerSpec
 from ._worker_stats import WorkerSlot
 from .backends.base import Backend
@@ -63,9 +64,11 @@ class StateFullWorkerPool(Generic[T]):
     ``num_workers=0`` runs one worker in the calling thread (for debugging). ``join_timeout``
     bounds how long closing waits for busy workers before terminating them (None: 10 s after
     a normal exit, 1 s after an exception or an abandoned map; Ctrl-C terminates at once).
-    ``worker_env_arr`` sets environment variables in each worker process before any user code
-    is imported (e.g. ``OMP_NUM_THREADS``). ``batch_size`` hands the worker lists of items
-    (see ``DevicePool``).
+    ``progress=True`` shows a ``tqdm.auto`` bar for every map (or pass any callable that wraps
+    an iterable and takes ``total=``, e.g. ``rich.progress.track``); ``on_result`` is called
+    with each result as the caller receives it. ``worker_env_arr`` sets environment variables
+    in each worker process before any user code is imported (e.g. ``OMP_NUM_THREADS``).
+    ``batch_size`` hands the worker lists of items (see ``DevicePool``).
     """
 
     def __init__(
@@ -92,6 +95,8 @@ class StateFullWorkerPool(Generic[T]):
         worker_env_arr: Sequence[dict[str, str]] | None = None,
         worker_device_arr: Sequence[str] | None = None,
         init_concurrency: int | None = None,
+        progress: ProgressOption = None,
+        on_result: ResultCallback | None = None,
     ) -> None:
         backend = "threads" if use_threads else backend
         if num_workers == 0:
@@ -113,6 +118,8 @@ class StateFullWorkerPool(Generic[T]):
         self.backend_name = backend
         self._behavior = ExceptionBehavior(exception_behavior)
         self._join_timeout = join_timeout
+        self._progress = resolve_progress(progress)
+        self._on_result = on_result
         self._chunk_size = 1 if task_timeout is not None else (batch_size or chunk_size)
         self.start_method = start_method or default_start_method()
         specs = [
@@ -186,7 +193,14 @@ class StateFullWorkerPool(Generic[T]):
             behavior=self._behavior,
             sizer=ChunkSizer(self._slot_count, self._chunk_size),
         )
-        return MapResult(run.batches(), length)
+        decorate = None
+        if self._progress is not None or self._on_result is not None:
+            bar, on_result = self._progress, self._on_result
+
+            def decorate(items: Iterator[Any], total: int | None) -> Iterator[Any]:
+                return with_progress(items, total, bar, on_result)
+
+        return MapResult(run.batches(), length, decorate)
 
     def _check_usable(self) -> None:
         if self._closed:

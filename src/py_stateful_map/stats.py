@@ -8,9 +8,10 @@ from typing import Any
 
 @dataclass(frozen=True)
 class PoolStats:
-    """Per-worker counters plus totals; ``str()`` renders a table.
+    """Per-worker counters plus totals; ``str()`` renders a table (``print(pool.stats())``).
 
-    >>> print(pool.stats())  # doctest: +SKIP
+    Per worker: index, pid, device, init seconds, items done, busy and idle seconds,
+    restarts, recycles (``max_tasks_per_worker``), retries and OOM back-offs.
     """
 
     workers: tuple[dict[str, Any], ...]
