@@ -27,6 +27,19 @@ def _infrastructure_pids() -> set[int]:
     return pids
 
 
+#: Command-line fragments of a local Ray instance's own daemons and idle workers: the Ray
+#: tests own that instance (a session fixture) and check their actors themselves.
+RAY_PROCESS_MARKERS = ("/ray/", "raylet", "gcs_server", "ray::", "ray_client_server")
+
+
+def _is_ray_infrastructure(child: psutil.Process) -> bool:
+    try:
+        cmdline = " ".join(child.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return any(marker in cmdline for marker in RAY_PROCESS_MARKERS)
+
+
 def leftover_children() -> list[psutil.Process]:
     """Child processes of this test process that are not multiprocessing's own helpers."""
     infra = _infrastructure_pids()
@@ -35,7 +48,7 @@ def leftover_children() -> list[psutil.Process]:
         try:
             if child.pid in infra:
                 continue
-            if child.status() == "zombie":
+            if child.status() == "zombie" or _is_ray_infrastructure(child):
                 continue
         except psutil.NoSuchProcess:
             continue

@@ -12,6 +12,9 @@ from __future__ import annotations
 #: short enough that ordered results flow and the tail of a map stays balanced.
 TARGET_CHUNK_SECONDS = 0.02
 MAX_CHUNK_ITEMS = 4096
+#: Bytes one chunk may carry either way: large items (images, arrays) go a few at a time, so
+#: memory in flight stays bounded and work still spreads over the workers.
+MAX_CHUNK_BYTES = 8 * 1024 * 1024
 
 
 class ChunkSizer:
@@ -21,6 +24,7 @@ class ChunkSizer:
         self._workers = max(1, num_workers)
         self._fixed = fixed
         self._seconds_per_item: float | None = None
+        self._bytes_per_item = 0.0
         self._largest = 1
 
     def observe(self, items: int, busy_seconds: float) -> None:
@@ -31,6 +35,11 @@ class ChunkSizer:
         previous = self._seconds_per_item
         self._seconds_per_item = sample if previous is None else 0.7 * previous + 0.3 * sample
 
+    def observe_bytes(self, items: int, payload_bytes: int) -> None:
+        """Remember the largest per-item payload seen (inputs or results)."""
+        if items > 0:
+            self._bytes_per_item = max(self._bytes_per_item, payload_bytes / items)
+
     def next_size(self, remaining: int | None) -> int:
         """Size of the next chunk; ``remaining`` is the known number of unread items, if any."""
         if self._fixed is not None:
@@ -38,6 +47,8 @@ class ChunkSizer:
         if self._seconds_per_item is None:
             return 1  # learn the task's cost before committing many items to one worker
         size = int(TARGET_CHUNK_SECONDS / self._seconds_per_item)
+        if self._bytes_per_item:
+            size = min(size, int(MAX_CHUNK_BYTES / self._bytes_per_item))
         size = max(1, min(size, MAX_CHUNK_ITEMS, self._largest * 8))
         if remaining is not None:
             # keep the tail balanced: every worker gets a share of what is left

@@ -81,6 +81,7 @@ class Completion:
     values: list[Any]
     errors: list[ItemError] | None
     busy_seconds: float = 0.0  # worker time, for the chunk sizer; 0 when no worker ran it
+    payload_bytes: int = 0  # size of the results as transported, for the chunk sizer
 
 
 @dataclass
@@ -159,10 +160,13 @@ class Dispatcher:
         limit = self.policy.max_tasks_per_worker
         return None if limit is None else max(0, limit - slot.items_assigned)
 
-    def submit(self, slot: WorkerSlot, chunk: Chunk) -> None:
-        """Send a chunk; one that cannot be pickled is split so the error finds its item."""
+    def submit(self, slot: WorkerSlot, chunk: Chunk) -> int:
+        """Send a chunk and return its size in bytes (0 when not pickled).
+
+        A chunk that cannot be pickled is split so the error lands on the item at fault.
+        """
         try:
-            self.backend.send(slot.index, RunChunk(chunk.chunk_id, chunk.start, chunk.items))
+            size = self.backend.send(slot.index, RunChunk(chunk.chunk_id, chunk.start, chunk.items))
         except SerializationError as exc:
             if len(chunk.items) > 1:
                 self._retry.extendleft(reversed(chunk.split(self.new_chunk_id)))
@@ -173,11 +177,12 @@ class Dispatcher:
                     f" cannot be pickled: {exc}"
                 )
                 self._complete_with_error(chunk, error)
-            return
+            return 0
         if not slot.in_flight:
             slot.running_since = time.monotonic()
         slot.in_flight.append(chunk)
         slot.items_assigned += len(chunk.items)
+        return size
 
     def submit_retries(self) -> None:
         """Re-run chunks of dead workers first, before any new input is read."""
@@ -222,7 +227,9 @@ class Dispatcher:
             slot.record_chunk(len(chunk.items), message.busy_seconds, message.oom_backoffs)
             values, errors = message.payload
             if chunk.run_id == self.run_id:
-                self._completions.append(Completion(chunk, values, errors, message.busy_seconds))
+                self._completions.append(
+                    Completion(chunk, values, errors, message.busy_seconds, message.payload_bytes)
+                )
             self._recycle_if_due(slot)
         elif isinstance(message, ChunkUnreadable | ResultUnreadable):
             chunk = self._pop_running(slot, message.chunk_id)

@@ -88,7 +88,9 @@ class MapRun:
         while True:
             if self._failure is None:
                 self._fill()
-            if self._in_progress:
+            # Wait for workers whenever items are out or more input awaits a worker that is
+            # (re)starting: never spin, never wait when nothing can happen.
+            if self._in_progress or not self._input_done:
                 for completion in self._dispatcher.poll(0.0 if ready else None):
                     self._accept(completion)
                 if self._failure is not None:  # wait only for what is on a worker now
@@ -122,7 +124,7 @@ class MapRun:
             chunk = Chunk(dispatcher.new_chunk_id(), dispatcher.run_id, self._next_read, items)
             self._next_read += len(items)
             self._in_progress += len(items)
-            dispatcher.submit(slot, chunk)
+            self._sizer.observe_bytes(len(items), dispatcher.submit(slot, chunk))
 
     def _remaining(self) -> int | None:
         return None if self._length is None else self._length - self._next_read
@@ -146,6 +148,7 @@ class MapRun:
         self._in_progress -= len(chunk.items)
         if completion.busy_seconds:
             self._sizer.observe(len(chunk.items), completion.busy_seconds)
+        self._sizer.observe_bytes(len(chunk.items), completion.payload_bytes)
         if errors:
             self._attach_tracebacks(errors)
             if self._behavior is ExceptionBehavior.IMMEDIATE:

@@ -13,6 +13,8 @@ import pickle
 import struct
 from typing import Any, TypeVar
 
+from ._shared_memory import Descriptor, SegmentPool, SegmentReader
+
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _HEADER_SIZE = struct.Struct("<I")
 
@@ -60,28 +62,62 @@ def _defined_in_main(obj: Any) -> bool:
 loads = pickle.loads
 
 
-def encode(message: Any) -> bytes:
-    """Frame a protocol message as ``len(header) | header | payload``.
+class Codec:
+    """One end of a channel: frames protocol messages, large buffers via shared memory.
 
-    The payload is pickled on its own so that a payload failure (raised from here) never
-    corrupts the header, and the reader can tell which chunk it concerned.
+    Frame: ``len(header) | header | payload``. The header is the message without its payload,
+    plus the shared-memory descriptors of the payload's large buffers and the names of the
+    peer's segments this end has finished with. The payload is pickled on its own so that a
+    payload that cannot be pickled or unpickled is the failure of one known chunk, never of
+    the channel.
     """
-    payload = message.payload
-    payload_bytes = b"" if payload is None else dumps(payload)
-    header = pickle.dumps(dataclasses.replace(message, payload=None), _PROTOCOL)
-    return b"".join((_HEADER_SIZE.pack(len(header)), header, payload_bytes))
 
+    def __init__(self, pool: SegmentPool | None = None) -> None:
+        self.pool = pool  # None: everything in-band (no /dev/shm, or threads)
+        self.reader = SegmentReader()
+        self.lent: set[str] = set()  # our segments the peer may still be using
 
-def decode_header(frame: bytes) -> tuple[Any, memoryview]:
-    """Split a frame into its header message (payload None) and the raw payload bytes."""
-    (size,) = _HEADER_SIZE.unpack_from(frame)
-    view = memoryview(frame)
-    end = _HEADER_SIZE.size + size
-    return pickle.loads(view[_HEADER_SIZE.size : end]), view[end:]
+    def reclaim(self) -> None:
+        """The peer is gone: every segment it held is free again."""
+        if self.pool is not None:
+            self.pool.give_back(self.lent)
+        self.lent.clear()
 
+    def encode(self, message: Any) -> tuple[bytes, int]:
+        """Frame a message; returns the frame and the payload size including shared memory."""
+        payload_bytes, descriptors = self._dump_payload(message.payload)
+        header = pickle.dumps(
+            (dataclasses.replace(message, payload=None), descriptors, self.reader.take_released()),
+            _PROTOCOL,
+        )
+        frame = b"".join((_HEADER_SIZE.pack(len(header)), header, payload_bytes))
+        self.lent.update(name for name, _ in descriptors)
+        return frame, len(payload_bytes) + sum(size for _, size in descriptors)
 
-def with_payload(message: M, raw_payload: memoryview) -> M:
-    """Attach the unpickled payload to a header; raises whatever unpickling raises."""
-    if not raw_payload:
-        return message
-    return dataclasses.replace(message, payload=pickle.loads(raw_payload))  # type: ignore[type-var]
+    def _dump_payload(self, payload: Any) -> tuple[bytes, list[Descriptor]]:
+        if payload is None:
+            return b"", []
+        if self.pool is not None:
+            try:
+                return self.pool.dumps(payload)
+            except (pickle.PicklingError, AttributeError, TypeError):
+                pass  # e.g. a lambda: cloudpickle may manage it, in-band
+        return dumps(payload), []
+
+    def decode_header(self, frame: bytes) -> tuple[Any, memoryview, list[Descriptor]]:
+        """The message without payload, its raw payload and descriptors; settles releases."""
+        (size,) = _HEADER_SIZE.unpack_from(frame)
+        view = memoryview(frame)
+        end = _HEADER_SIZE.size + size
+        message, descriptors, released = pickle.loads(view[_HEADER_SIZE.size : end])
+        if released and self.pool is not None:
+            self.lent.difference_update(released)
+            self.pool.give_back(released)
+        return message, view[end:], descriptors
+
+    def with_payload(self, message: M, raw: memoryview, descriptors: list[Descriptor]) -> M:
+        """Attach the unpickled payload; raises whatever unpickling raises."""
+        if not raw:
+            return message
+        payload = self.reader.loads(raw, descriptors)
+        return dataclasses.replace(message, payload=payload)  # type: ignore[type-var]

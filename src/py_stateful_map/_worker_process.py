@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import faulthandler
 import os
 import select
@@ -23,43 +24,58 @@ import signal
 import sys
 import threading
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NoReturn
 
 from ._protocol import ChunkDone, ChunkUnreadable, InitFailed, ItemError, Ready, RunChunk, Stop
-from ._serialization import decode_header, dumps, encode, loads, with_payload
+from ._serialization import Codec, dumps, loads
+from ._shared_memory import Descriptor, SegmentPool, available, prefix_for, unlink_prefix
 from ._worker_runtime import WorkerRuntime, format_exception_text
 from .errors import SerializationError
 
 #: Exit status of a worker whose parent disappeared (hang-up on its pipe).
 EXIT_PARENT_GONE = 3
 _PR_SET_PDEATHSIG = 1
+_parent_pid: int | None = None  # set once at start; names the shared memory to clean up
 
 
 def worker_process_main(
     conn: Connection, env: dict[str, str], spec_bytes: bytes, crash_log_path: str, parent_pid: int
 ) -> None:
     """Run one worker until told to stop or until the parent goes away."""
+    global _parent_pid
+    _parent_pid = parent_pid
     os.environ.update(env)  # before any user import: e.g. CUDA_VISIBLE_DEVICES
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     crash_log = open(crash_log_path, "w")  # noqa: SIM115, PTH123 - must outlive this frame
     faulthandler.enable(file=crash_log, all_threads=True)
     _watch_parent(conn, parent_pid)
+    pool = SegmentPool(f"{prefix_for(parent_pid)}w{os.getpid()}-") if available() else None
+    codec = Codec(pool)
     try:
         runtime = WorkerRuntime(loads(spec_bytes))
         greeting: Ready | InitFailed = runtime.start()
     except Exception as exc:  # e.g. the worker class cannot be imported here
         greeting = InitFailed(pid=os.getpid(), payload=(exc, format_exception_text(exc)))
-    _send(conn, greeting)
+    _send(conn, codec, greeting)
     if isinstance(greeting, InitFailed):
         return
     while True:
         try:
-            task, raw_items = decode_header(conn.recv_bytes())
+            frame = conn.recv_bytes()
         except (EOFError, OSError):
-            os._exit(EXIT_PARENT_GONE)  # the parent is gone: nobody will read our results
+            _exit_parent_gone(parent_pid)  # nobody will read our results
+        task, raw_items, descriptors = codec.decode_header(frame)
         if isinstance(task, Stop):
+            if pool is not None:
+                pool.close()
             return
-        _send(conn, _run(runtime, task, raw_items))
+        _send(conn, codec, _run(runtime, codec, task, raw_items, descriptors))
+
+
+def _exit_parent_gone(parent_pid: int) -> NoReturn:
+    """Remove the dead parent's shared memory (ours and its), then leave at once."""
+    unlink_prefix(prefix_for(parent_pid))
+    os._exit(EXIT_PARENT_GONE)
 
 
 def _watch_parent(conn: Connection, parent_pid: int) -> None:
@@ -68,7 +84,7 @@ def _watch_parent(conn: Connection, parent_pid: int) -> None:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(EXIT_PARENT_GONE)
+            _exit_parent_gone(parent_pid)
     hang_up = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
     poller = select.poll()
     poller.register(conn.fileno(), hang_up)
@@ -76,30 +92,36 @@ def _watch_parent(conn: Connection, parent_pid: int) -> None:
     def watch() -> None:
         while True:
             if any(events & hang_up for _, events in poller.poll()):
-                os._exit(EXIT_PARENT_GONE)
+                _exit_parent_gone(parent_pid)
 
     threading.Thread(target=watch, name="psm-parent-watchdog", daemon=True).start()
 
 
 def _run(
-    runtime: WorkerRuntime, task: RunChunk, raw_items: memoryview
+    runtime: WorkerRuntime,
+    codec: Codec,
+    task: RunChunk,
+    raw_items: memoryview,
+    descriptors: list[Descriptor],
 ) -> ChunkDone | ChunkUnreadable:
     try:
-        items = with_payload(task, raw_items).payload
-    except Exception as exc:
+        items = codec.with_payload(task, raw_items, descriptors).payload
+    except Exception as exc:  # the parent splits the chunk and blames one item
         return ChunkUnreadable(task.chunk_id, payload=f"{type(exc).__name__}: {exc}")
     return runtime.run_chunk(task, items)
 
 
-def _send(conn: Connection, message: Ready | InitFailed | ChunkDone | ChunkUnreadable) -> None:
+def _send(
+    conn: Connection, codec: Codec, message: Ready | InitFailed | ChunkDone | ChunkUnreadable
+) -> None:
     try:
-        frame = encode(message)
-    except Exception:
-        frame = encode(_make_sendable(message))
+        frame, _ = codec.encode(message)
+    except Exception:  # find the item(s) at fault and send the rest
+        frame, _ = codec.encode(_make_sendable(message))
     try:
         conn.send_bytes(frame)
     except OSError:
-        os._exit(EXIT_PARENT_GONE)
+        _exit_parent_gone(os.getppid() if _parent_pid is None else _parent_pid)
 
 
 def _make_sendable(message: Any) -> Any:
@@ -124,9 +146,7 @@ def _make_sendable(message: Any) -> Any:
             )
             fixed_errors.append((offset, error, ""))
     fixed_errors.sort(key=lambda entry: entry[0])
-    return ChunkDone(
-        message.chunk_id, message.busy_seconds, message.oom_backoffs, (fixed_values, fixed_errors)
-    )
+    return dataclasses.replace(message, payload=(fixed_values, fixed_errors))
 
 
 def _pickle_problem(obj: Any) -> str | None:

@@ -32,7 +32,9 @@ logger = logging.getLogger("py_stateful_map")
 
 T = TypeVar("T")
 
-BACKENDS = ("processes", "threads", "inline")
+BACKENDS = ("processes", "threads", "inline", "ray")
+#: Backends whose workers can be killed, so a stuck item can be timed out.
+KILLABLE_BACKENDS = ("processes", "ray")
 #: Seconds a normal ``close()`` waits for workers when ``join_timeout`` is None.
 DEFAULT_JOIN_TIMEOUT = 10.0
 #: Seconds a cancelling ``close()`` (exception, abandoned map) waits before terminating.
@@ -68,7 +70,10 @@ class StateFullWorkerPool(Generic[T]):
     an iterable and takes ``total=``, e.g. ``rich.progress.track``); ``on_result`` is called
     with each result as the caller receives it. ``worker_env_arr`` sets environment variables
     in each worker process before any user code is imported (e.g. ``OMP_NUM_THREADS``).
-    ``batch_size`` hands the worker lists of items (see ``DevicePool``).
+    ``batch_size`` hands the worker lists of items (see ``DevicePool``). With
+    ``backend="ray"`` each worker is a Ray actor: ``ray_address`` picks the cluster (else an
+    initialized Ray, else ``RAY_ADDRESS``, else a local instance) and ``ray_actor_options``
+    (one dict per worker, e.g. ``{"num_gpus": 0.5}``) is passed to ``.options()``.
     """
 
     def __init__(
@@ -97,6 +102,8 @@ class StateFullWorkerPool(Generic[T]):
         init_concurrency: int | None = None,
         progress: ProgressOption = None,
         on_result: ResultCallback | None = None,
+        ray_address: str | None = None,
+        ray_actor_options: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         backend = "threads" if use_threads else backend
         if num_workers == 0:
@@ -134,6 +141,8 @@ class StateFullWorkerPool(Generic[T]):
         ]
         envs = list(worker_env_arr or [{}] * self._slot_count)
         devices = list(worker_device_arr or [None] * self._slot_count)  # type: ignore[list-item]
+        self._ray_address = ray_address
+        self._ray_actor_options = list(ray_actor_options or [{}] * self._slot_count)
         self._backend = self._make_backend(specs, envs)
         self._closed = False
         self._finalizer = weakref.finalize(self, self._backend.shutdown, 0.0, cancel=True)
@@ -164,6 +173,10 @@ class StateFullWorkerPool(Generic[T]):
             from .backends.threads import ThreadBackend
 
             return ThreadBackend(specs)
+        if self.backend_name == "ray":
+            from .backends.ray import RayBackend
+
+            return RayBackend(specs, envs, self._ray_actor_options, address=self._ray_address)
         _refuse_fork_after_cuda(self.start_method)
         from .backends.processes import ProcessBackend
 
@@ -290,10 +303,10 @@ def _validate(
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")
     if max_retries < 0:
         raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-    if task_timeout is not None and backend != "processes":
+    if task_timeout is not None and backend not in KILLABLE_BACKENDS:
         raise ValueError(
-            f"task_timeout needs backend='processes': a stuck {backend} worker cannot be "
-            "killed, only a process can"
+            f"task_timeout needs backend='processes' or 'ray': a stuck {backend} worker "
+            "cannot be killed, only a process can"
         )
     if task_timeout is not None and chunk_size not in (None, 1):
         raise ValueError("task_timeout times each item, so it needs chunk_size=None or 1")

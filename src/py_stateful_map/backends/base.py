@@ -23,8 +23,11 @@ class Backend(Protocol):
     def start_worker(self, index: int) -> None:
         """Start (or restart) worker ``index``; it answers with Ready or InitFailed."""
 
-    def send(self, index: int, message: ToWorker) -> None:
-        """Hand a message to a worker; raises ``SerializationError`` if its payload won't pickle."""
+    def send(self, index: int, message: ToWorker) -> int:
+        """Hand a message to a worker; returns the payload's size in bytes (0 if not pickled).
+
+        Raises ``SerializationError`` if the payload cannot be pickled.
+        """
 
     def wait(self, timeout: float | None) -> list[Event]:
         """Block until at least one event or until ``timeout`` seconds pass."""

@@ -26,9 +26,10 @@ class InlineBackend:
     def start_worker(self, index: int) -> None:
         self._events.append((index, self._runtime.start()))
 
-    def send(self, index: int, message: ToWorker) -> None:
+    def send(self, index: int, message: ToWorker) -> int:
         if isinstance(message, RunChunk):
             self._events.append((index, self._runtime.run_chunk(message, message.payload)))
+        return 0
 
     def pid(self, index: int) -> int | None:
         return os.getpid()

@@ -16,6 +16,8 @@ is blocked writing — the classic two-way pipe deadlock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import logging
 import multiprocessing
 import os
@@ -41,13 +43,15 @@ from .._protocol import (
     ToWorker,
     WorkerExited,
 )
-from .._serialization import decode_header, dumps_by_value, encode, with_payload
+from .._serialization import Codec, dumps_by_value
+from .._shared_memory import SegmentPool, available, prefix_for, unlink_prefix
 from .._worker_process import worker_process_main
 from .._worker_runtime import WorkerSpec
 from ..errors import SerializationError
 from .base import Event
 
 logger = logging.getLogger("py_stateful_map")
+_POOL_IDS = itertools.count()  # tells apart the shared memory of pools in one process
 
 
 class ProcessBackend:
@@ -78,6 +82,10 @@ class ProcessBackend:
         self._at_eof: set[int] = set()
         self._retiring: list[tuple[BaseProcess, Connection]] = []
         self._crash_dir = Path(tempfile.mkdtemp(prefix="py_stateful_map-"))
+        own_prefix = f"{prefix_for(os.getpid())}p{next(_POOL_IDS)}-"
+        self._segments = SegmentPool(own_prefix) if available() else None
+        self._codecs: list[Codec] = [Codec(self._segments) for _ in range(count)]
+        self._worker_pids: set[int] = set()
 
     def _crash_log(self, index: int) -> Path:
         return self._crash_dir / f"worker-{index}.log"
@@ -101,20 +109,24 @@ class ProcessBackend:
         self._conns[index] = parent_conn
         self._sockets[index] = socket.socket(fileno=parent_conn.fileno())
         self._outboxes[index].clear()
+        self._codecs[index] = Codec(self._segments)
+        if process.pid is not None:
+            self._worker_pids.add(process.pid)
         self._at_eof.discard(index)
 
-    def send(self, index: int, message: ToWorker) -> None:
-        try:
-            frame = encode(message)
-        except Exception as exc:
-            raise SerializationError(f"{type(exc).__name__}: {exc}") from exc
+    def send(self, index: int, message: ToWorker) -> int:
         sock = self._sockets[index]
         if sock is None:
-            return  # already reaped: its WorkerExited event carries the consequences
+            return 0  # already reaped: its WorkerExited event carries the consequences
+        try:
+            frame, payload_size = self._codecs[index].encode(message)
+        except Exception as exc:
+            raise SerializationError(f"{type(exc).__name__}: {exc}") from exc
         outbox = self._outboxes[index]
         outbox.append(memoryview(_connection_frame(frame)))
         if len(outbox) == 1:
             self._flush(index)
+        return payload_size
 
     def _flush(self, index: int) -> None:
         """Write as much of the outbox as the pipe takes now, without blocking."""
@@ -188,7 +200,7 @@ class ProcessBackend:
             return
         try:
             while conn.poll():
-                events.append((index, _decode(conn.recv_bytes())))
+                events.append((index, _decode(self._codecs[index], conn.recv_bytes())))
         except (EOFError, OSError):
             self._at_eof.add(index)  # the sentinel will fire too; it reports the death
 
@@ -198,6 +210,8 @@ class ProcessBackend:
         process.join(timeout=5)
         self._close_channel(index)
         self._processes[index] = None
+        self._codecs[index].reclaim()
+        unlink_prefix(f"{prefix_for(os.getpid())}w{process.pid}-")
         return WorkerExited(
             pid=process.pid, exitcode=process.exitcode, crash_report=self._read_crash(index)
         )
@@ -272,6 +286,10 @@ class ProcessBackend:
         self._processes = [None] * len(self._processes)
         self._retiring = []
         shutil.rmtree(self._crash_dir, ignore_errors=True)
+        if self._segments is not None:
+            self._segments.close()
+        for pid in self._worker_pids:
+            unlink_prefix(f"{prefix_for(os.getpid())}w{pid}-")
 
 
 def process_sentinel(process: BaseProcess | None) -> int | None:
@@ -298,14 +316,18 @@ def _connection_frame(frame: bytes) -> bytes:
 
 def _send_stop(conn: Connection) -> None:
     with contextlib.suppress(OSError):  # already gone
-        conn.send_bytes(encode(Stop()))
+        conn.send_bytes(Codec().encode(Stop())[0])
 
 
-def _decode(frame: bytes) -> FromWorker:
-    header, raw_payload = decode_header(frame)
+def _decode(codec: Codec, frame: bytes) -> FromWorker:
+    header, raw_payload, descriptors = codec.decode_header(frame)
     try:
-        return with_payload(header, raw_payload)  # type: ignore[no-any-return]
-    except Exception as exc:
+        message = codec.with_payload(header, raw_payload, descriptors)
+        if isinstance(message, ChunkDone):
+            size = len(raw_payload) + sum(nbytes for _, nbytes in descriptors)
+            message = dataclasses.replace(message, payload_bytes=size)
+        return message  # type: ignore[no-any-return]
+    except Exception as exc:  # blame the chunk, not the channel
         reason = f"{type(exc).__name__}: {exc}"
         if isinstance(header, ChunkDone):
             return ResultUnreadable(header.chunk_id, payload=reason)

@@ -64,10 +64,11 @@ class ThreadBackend:
         self._workers[index] = worker
         worker.thread.start()
 
-    def send(self, index: int, message: ToWorker) -> None:
+    def send(self, index: int, message: ToWorker) -> int:
         worker = self._workers[index]
         if worker is not None:
             worker.inbox.put(message)
+        return 0
 
     def pid(self, index: int) -> int | None:
         return os.getpid()
