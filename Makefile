@@ -1,6 +1,7 @@
 # Two entry points for a fresh Linux machine with Python 3.10+:
 #   make demo   - create .venv on first use, install, run the multi-device inference demo
 #   make test   - create .venv on first use, install, run the whole test suite
+#                 (ruff, mypy --strict on src/, pytest)
 # Versions are pinned by constraints/ci.txt so every run installs the same thing.
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check bench clean
+.PHONY: demo test pytest lint typecheck bench clean
 
 $(STAMP): pyproject.toml constraints/ci.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +18,11 @@ $(STAMP): pyproject.toml constraints/ci.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/seed_example.py
+	$(PY) examples/multi_gpu_inference.py
 
-test: $(STAMP)
+test: lint typecheck pytest
+
+pytest: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
@@ -28,8 +31,6 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
-
-check: lint typecheck test
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py

@@ -42,7 +42,9 @@ logger = logging.getLogger("py_stateful_map")
 
 #: Buffers at least this large go through shared memory; smaller ones are cheaper in-band.
 THRESHOLD = 256 * 1024
-SHM_DIR = Path("/dev/shm")
+#: Where segments live; ``PY_STATEFUL_MAP_SHM_DIR`` points elsewhere (e.g. a larger tmpfs
+#: when a container's /dev/shm is tiny). Workers inherit it with the environment.
+SHM_DIR = Path(os.environ.get("PY_STATEFUL_MAP_SHM_DIR", "/dev/shm"))
 _PROTOCOL = 5
 
 #: (segment name, byte length) of each out-of-band buffer, in pickle's buffer order.
