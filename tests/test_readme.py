@@ -47,6 +47,11 @@ def test_readme_python_block_runs(code: str, tmp_path: Path) -> None:
     script = tmp_path / "readme_block.py"
     script.write_text(code)
     done = subprocess.run(
-        [sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=170
+        [sys.executable, str(script)],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
     )
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
