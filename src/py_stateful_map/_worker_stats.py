@@ -36,12 +36,15 @@ class WorkerSlot:
     retries: int = 0
     oom_backoffs: int = 0
     ready_since: float = 0.0
+    ready_seconds_before: float = 0.0  # ready time of earlier incarnations of this slot
 
     @property
     def device_note(self) -> str:
         return f", device {self.device}" if self.device else ""
 
     def mark_starting(self) -> None:
+        if self.state == "ready":  # keep the ready time of the incarnation that just ended
+            self.ready_seconds_before += time.monotonic() - self.ready_since
         self.state = "starting"
         self.starting_since = time.monotonic()
         self.items_assigned = 0
@@ -62,7 +65,9 @@ class WorkerSlot:
         self.oom_backoffs += oom_backoffs
 
     def as_dict(self) -> dict[str, Any]:
-        alive = time.monotonic() - self.ready_since if self.state == "ready" else 0.0
+        alive = self.ready_seconds_before
+        if self.state == "ready":
+            alive += time.monotonic() - self.ready_since
         return {
             "index": self.index,
             "pid": self.pid,
