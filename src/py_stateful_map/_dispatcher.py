@@ -106,6 +106,7 @@ class Dispatcher:
     run_id: int = 0
     restarts: int = 0
     busy: bool = False  # a map() is in progress
+    map_seconds: float = 0.0  # wall time spent inside map() calls, for items/s
     broken: bool = False  # the pool gave up; every later map() fails
     _retry: deque[Chunk] = field(default_factory=deque)
     _completions: list[Completion] = field(default_factory=list)
@@ -297,7 +298,9 @@ class Dispatcher:
     ) -> None:
         if chunk.run_id != self.run_id:
             return
-        if timed_out:
+        if timed_out and len(chunk.items) > 1:
+            self._retry.extendleft(reversed(chunk.split(self.new_chunk_id)))  # find the slow one
+        elif timed_out:
             error = TaskTimeoutError(
                 f"item {chunk.start} ran longer than task_timeout={self.policy.task_timeout}s on "
                 f"worker {slot.index} (pid {message.pid}{slot.device_note}); the worker was killed"

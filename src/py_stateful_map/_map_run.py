@@ -17,6 +17,7 @@ Data flow::
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from itertools import chain, islice, repeat
@@ -77,9 +78,11 @@ class MapRun:
         if dispatcher.broken:
             raise PoolBrokenError("this pool is broken: a previous map() gave up on its workers")
         dispatcher.busy = True
+        started = time.monotonic()
         try:
             yield from self._run()
         finally:
+            dispatcher.map_seconds += time.monotonic() - started
             dispatcher.busy = False
             dispatcher.end_run()
 

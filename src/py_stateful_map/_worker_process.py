@@ -23,6 +23,7 @@ import select
 import signal
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
@@ -44,6 +45,7 @@ def worker_process_main(
     """Run one worker until told to stop or until the parent goes away."""
     global _parent_pid
     _parent_pid = parent_pid
+    started = time.perf_counter()
     os.environ.update(env)  # before any user import: e.g. CUDA_VISIBLE_DEVICES
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     crash_log = open(crash_log_path, "w")  # noqa: SIM115, PTH123 - must outlive this frame
@@ -54,6 +56,8 @@ def worker_process_main(
     try:
         runtime = WorkerRuntime(loads(spec_bytes))
         greeting: Ready | InitFailed = runtime.start()
+        if isinstance(greeting, Ready):  # count the imports unpickling the worker triggered
+            greeting = dataclasses.replace(greeting, init_seconds=time.perf_counter() - started)
     except Exception as exc:  # e.g. the worker class cannot be imported here
         greeting = InitFailed(pid=os.getpid(), payload=(exc, format_exception_text(exc)))
     _send(conn, codec, greeting)

@@ -40,7 +40,8 @@ class DevicePool(StateFullWorkerPool[T]):
     receives a list of items (or ``collate_fn(list)``) and returns one result per item; on
     CUDA out-of-memory the batch is halved and retried (see ``stats()`` for back-offs).
     ``init_concurrency`` caps how many workers build their model at once (host RAM).
-    ``device_probe`` replaces GPU discovery (tests, exotic drivers). Any other keyword is a
+    ``device_probe`` replaces GPU discovery (tests, exotic drivers). ``worker_kwarg_dict_arr``
+    (one dict per worker, e.g. a rank) is merged with the injected device. Any other keyword is a
     ``StateFullWorkerPool`` option (``exception_behavior``, ``backend``, ``max_retries``...).
     """
 
@@ -67,11 +68,20 @@ class DevicePool(StateFullWorkerPool[T]):
         ]
         in_processes = _runs_in_processes(pool_options)
         self.devices: list[str] = [placement.device for placement in placements]
+        per_worker = pool_options.pop("worker_kwarg_dict_arr", None) or [{}] * len(placements)
+        if len(per_worker) != len(placements):
+            raise ValueError(
+                f"worker_kwarg_dict_arr has {len(per_worker)} dicts for {len(placements)} "
+                f"workers ({workers_per_device} per device on {len(set(self.devices))} devices)"
+            )
         super().__init__(
             len(placements),
             worker_class,
             shared_kwarg_dict,
-            [{device_kwarg: p.worker_device if in_processes else p.device} for p in placements],
+            [
+                {**extra, device_kwarg: p.worker_device if in_processes else p.device}
+                for p, extra in zip(placements, per_worker, strict=True)
+            ],
             batch_size=batch_size,
             collate_fn=collate_fn,
             init_concurrency=init_concurrency,
@@ -87,9 +97,17 @@ def _runs_in_processes(options: dict[str, Any]) -> bool:
     return bool(options.get("backend", "processes") == "processes")
 
 
+def _usable_cores() -> int:
+    """Cores this process may run on (CPU affinity and cgroup-pinned sets respected)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _environments(placements: Sequence[DevicePlacement]) -> list[dict[str, str]]:
     cpu_workers = sum(1 for p in placements if p.device == CPU)
-    threads = str(max(1, (os.cpu_count() or 1) // max(1, cpu_workers)))
+    threads = str(max(1, _usable_cores() // max(1, cpu_workers)))
     environments = []
     for placement in placements:
         env = dict(placement.environ)

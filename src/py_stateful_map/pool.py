@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 import logging
 import multiprocessing
-import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
@@ -108,6 +107,8 @@ class StateFullWorkerPool(Generic[T]):
         backend = "threads" if use_threads else backend
         if num_workers == 0:
             backend = "inline"
+        elif backend == "inline" and num_workers != 1:
+            raise ValueError("backend='inline' runs one worker in this thread: use num_workers=0")
         _validate(
             num_workers,
             backend,
@@ -127,7 +128,8 @@ class StateFullWorkerPool(Generic[T]):
         self._join_timeout = join_timeout
         self._progress = resolve_progress(progress)
         self._on_result = on_result
-        self._chunk_size = 1 if task_timeout is not None else (batch_size or chunk_size)
+        # A batch is one call, so it is the unit a task_timeout can time; otherwise time items.
+        self._chunk_size = batch_size or (1 if task_timeout is not None else chunk_size)
         self.start_method = start_method or default_start_method()
         specs = [
             WorkerSpec(
@@ -156,7 +158,6 @@ class StateFullWorkerPool(Generic[T]):
             init_concurrency,
         )
         self._dispatcher = Dispatcher(self._backend, slots, policy)
-        self._started_at = time.monotonic()
         try:
             self._dispatcher.start_all()
         except BaseException:
@@ -225,7 +226,7 @@ class StateFullWorkerPool(Generic[T]):
         """Per-worker counters (items, busy/idle seconds, restarts, retries, OOM back-offs)."""
         return PoolStats(
             workers=tuple(slot.as_dict() for slot in self._dispatcher.slots),
-            elapsed_seconds=time.monotonic() - self._started_at,
+            elapsed_seconds=self._dispatcher.map_seconds,
             restarts=self._dispatcher.restarts,
         )
 

@@ -15,7 +15,7 @@ class PoolStats:
     """
 
     workers: tuple[dict[str, Any], ...]
-    elapsed_seconds: float
+    elapsed_seconds: float  # time spent inside map() calls (start-up excluded)
     restarts: int
 
     @property

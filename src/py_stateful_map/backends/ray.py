@@ -1,0 +1,533 @@
+"""Workers as Ray actors, one actor per worker.
+
+::
+
+    parent                                      actor (its own process, any node)
+    ------                                      ---------------------------------
+    start_worker  -> Actor.options(...).remote(env, spec bytes)
+                     actor.start.remote()  ---> env, unpickle spec, WorkerRuntime.start()
+                     actor.watch.remote()  ---> awaits forever: fails only when the actor dies
+    send          -> actor.run_chunk.remote(seq, RunChunk frame) ---> WorkerRuntime.run_chunk
+    wait          <- ray.wait(start refs + each actor's oldest chunk ref + watch refs)
+
+Frames are the processes backend's: the parent pickles each chunk itself and the actor pickles
+each answer itself, so a value that cannot cross still fails one known item (Ray only moves
+bytes; above ~100 KiB it moves them through its shared-memory object store, on its own).
+
+*Death.* Every live actor has one ``watch()`` call pending that never returns, so Ray fails
+its reference the moment the actor dies, idle or busy — the counterpart of a process
+sentinel. ``wait`` then first reports every chunk the actor finished before dying, in order,
+and only then one ``WorkerExited``.
+
+*Order.* Ray runs an async actor's calls in no guaranteed order (a call whose large argument
+is still being fetched can be overtaken), so the parent numbers its calls and the actor admits
+them strictly by number into a single thread: user code runs one chunk at a time, in the
+order sent, always on the same thread (thread-local state such as a CUDA device stays put),
+and never on the actor's event loop (``asyncio.run`` in user code works). The parent reports
+answers in the same order, however Ray delivers them.
+
+*Connection.* An initialized Ray is used as is; else ``address=``, else ``RAY_ADDRESS``, else
+a new local instance on 127.0.0.1 without dashboard. Ray started (or connected) here is shut
+down when the last pool using it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import logging
+import math
+import os
+import pickle
+import signal
+import site
+import sys
+import sysconfig
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .._protocol import InitFailed, Ready, RunChunk, ToWorker, WorkerExited
+from .._serialization import Codec, dumps_by_value, loads
+from .._worker_process import _make_sendable, _run
+from .._worker_runtime import WorkerRuntime, WorkerSpec, format_exception_text
+from ..errors import SerializationError
+from .base import Event
+from .processes import _decode
+
+logger = logging.getLogger("py_stateful_map")
+
+LOOPBACK = "127.0.0.1"
+#: Actor options the pool itself owns: it restarts workers and re-runs items on its own.
+_POOL_OWNED_OPTIONS = ("max_restarts", "max_task_retries")
+#: Seconds to let a dead actor's other calls fail before reporting its death (normally ms).
+_SETTLE_SECONDS = 10.0
+#: Seconds ``shutdown`` waits for Ray to confirm that killed actors are gone.
+_CONFIRM_KILL_SECONDS = 10.0
+
+
+# -- inside the actor ---------------------------------------------------------------------------
+
+
+class _ActorWorker:
+    """One worker inside its actor: the same ``WorkerRuntime`` every backend runs."""
+
+    def __init__(self, env: dict[str, str], spec_bytes: bytes) -> None:
+        self._env = env
+        self._spec_bytes = spec_bytes
+        self._runtime: WorkerRuntime | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="py_stateful_map-actor")
+        self._codec = Codec()  # in-band: Ray moves large frames through its object store
+        self._next_seq = 0
+        self._turn = asyncio.Condition()
+
+    async def start(self) -> bytes:
+        """Build the user's state (call number 0); answers a Ready or InitFailed frame."""
+        return await self._in_turn(0, self._start)
+
+    async def run_chunk(self, seq: int, frame: bytes) -> bytes:
+        """Run one RunChunk frame; answers a ChunkDone or ChunkUnreadable frame."""
+        return await self._in_turn(seq, functools.partial(self._run, frame))
+
+    async def watch(self) -> None:
+        """Never returns: its reference fails when the actor dies."""
+        await asyncio.Event().wait()
+
+    async def _in_turn(self, seq: int, call: Callable[[], bytes]) -> bytes:
+        async with self._turn:
+            await self._turn.wait_for(lambda: self._next_seq == seq)
+            # The one-thread executor is first in, first out: queue the next call right away.
+            done = asyncio.get_running_loop().run_in_executor(self._thread, call)
+            self._next_seq += 1
+            self._turn.notify_all()
+        return await done
+
+    def _start(self) -> bytes:
+        os.environ.update(self._env)  # before unpickling the spec imports any user code
+        try:
+            runtime = WorkerRuntime(loads(self._spec_bytes))
+            greeting: Ready | InitFailed = runtime.start()
+        except Exception as exc:  # e.g. the worker class cannot be imported here
+            greeting = InitFailed(pid=os.getpid(), payload=(exc, format_exception_text(exc)))
+        if isinstance(greeting, Ready):
+            self._runtime = runtime
+        return self._frame(greeting)
+
+    def _run(self, frame: bytes) -> bytes:
+        assert self._runtime is not None, "start() must succeed before chunks are run"
+        task, raw_items, descriptors = self._codec.decode_header(frame)
+        return self._frame(_run(self._runtime, self._codec, task, raw_items, descriptors))
+
+    def _frame(self, message: Any) -> bytes:
+        try:
+            frame, _ = self._codec.encode(message)
+        except Exception:  # find the item(s) at fault and send the rest
+            frame, _ = self._codec.encode(_make_sendable(message))
+        return frame
+
+
+_actor_class: Any = None
+
+
+def _remote_actor_class(ray: Any) -> Any:
+    global _actor_class
+    if _actor_class is None:
+        _actor_class = ray.remote(_ActorWorker)
+    return _actor_class
+
+
+# -- in the parent ------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Actor:
+    """The parent's view of one actor."""
+
+    handle: Any
+    watch: Any  # ObjectRef that fails when the actor dies
+    start: Any | None  # ObjectRef of start() until its answer is reported
+    pending: deque[Any] = field(default_factory=deque)  # run_chunk refs, in the order sent
+    next_seq: int = 1
+    pid: int | None = None
+    exitcode: int | None = None  # known only when the pool ended it
+
+    def refs(self) -> list[Any]:
+        return [self.watch, *([self.start] if self.start is not None else []), *self.pending]
+
+    def next_answer(self) -> Any | None:
+        """The one reference whose answer must be reported next."""
+        if self.start is not None:
+            return self.start
+        return self.pending[0] if self.pending else None
+
+
+class RayBackend:
+    """Run each worker in a Ray actor (``ray_actor_options[i]`` goes to ``.options()``)."""
+
+    can_kill = True
+
+    def __init__(
+        self,
+        specs: Sequence[WorkerSpec],
+        envs: Sequence[dict[str, str]],
+        actor_options: Sequence[dict[str, Any]],
+        *,
+        address: str | None = None,
+    ) -> None:
+        _check_actor_options(actor_options)
+        try:
+            self._spec_bytes = [_dumps_spec(spec) for spec in specs]
+        except Exception as exc:
+            raise SerializationError(
+                f"the worker {specs[0].target!r} or its init kwargs cannot be pickled to send "
+                f"to a Ray actor: {exc}"
+            ) from exc
+        self._ray, self._owns_session = _session.acquire(address)
+        self._codec = Codec()
+        self._released = False
+        self._envs = list(envs)
+        self._options = _with_defaults(self._ray, actor_options)
+        self._actor_class = _remote_actor_class(self._ray)
+        self._actors: list[_Actor | None] = [None] * len(specs)
+        self._retiring: list[_Actor] = []
+        _warn_if_unschedulable(self._ray, self._options)
+
+    # -- Backend protocol -----------------------------------------------------------------------
+
+    def start_worker(self, index: int) -> None:
+        handle = self._actor_class.options(**self._options[index]).remote(
+            self._envs[index], self._spec_bytes[index]
+        )
+        start = handle.start.remote()
+        self._actors[index] = _Actor(handle, watch=handle.watch.remote(), start=start)
+
+    def send(self, index: int, message: ToWorker) -> int:
+        actor = self._actors[index]
+        if actor is None or not isinstance(message, RunChunk):
+            return 0  # dead (its WorkerExited says so) or Stop (retire and shutdown end actors)
+        try:
+            frame, payload_size = self._codec.encode(message)
+        except Exception as exc:
+            raise SerializationError(f"{type(exc).__name__}: {exc}") from exc
+        actor.pending.append(actor.handle.run_chunk.remote(actor.next_seq, frame))
+        actor.next_seq += 1
+        return payload_size
+
+    def wait(self, timeout: float | None) -> list[Event]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            events = self._collect()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if events or (remaining is not None and remaining <= 0):
+                return events
+            blocking = self._blocking_refs()
+            if not blocking:
+                return []
+            self._ray.wait(blocking, num_returns=1, timeout=remaining)
+
+    def kill(self, index: int) -> None:
+        actor = self._actors[index]
+        if actor is not None:
+            actor.exitcode = -signal.SIGKILL
+            self._kill(actor)
+
+    def retire(self, index: int) -> None:
+        """Forget worker ``index``; its actor is killed once its calls in hand are answered."""
+        actor = self._actors[index]
+        if actor is None:
+            return
+        self._actors[index] = None
+        if actor.pending:
+            self._retiring.append(actor)
+        else:
+            self._kill(actor)
+
+    def pid(self, index: int) -> int | None:
+        actor = self._actors[index]
+        return None if actor is None else actor.pid
+
+    def shutdown(self, grace: float | None, *, cancel: bool) -> None:
+        live = [a for a in self._actors if a is not None] + self._retiring
+        self._actors = [None] * len(self._actors)
+        self._retiring = []
+        if self._released:
+            return
+        if self._ray.is_initialized() and live:
+            running = [ref for ref in (a.next_answer() for a in live) if ref is not None]
+            if running and not cancel and grace != 0:
+                self._ray.wait(running, num_returns=len(running), timeout=grace)
+            for actor in live:
+                self._kill(actor)
+            watches = [a.watch for a in live]
+            self._ray.wait(watches, num_returns=len(watches), timeout=_CONFIRM_KILL_SECONDS)
+        self._released = True
+        if self._owns_session:
+            _session.release()
+
+    # -- steps of wait() ------------------------------------------------------------------------
+
+    def _blocking_refs(self) -> list[Any]:
+        refs = []
+        for actor in [*filter(None, self._actors), *self._retiring]:
+            refs.append(actor.watch)
+            answer = actor.next_answer()
+            if answer is not None:
+                refs.append(answer)
+        return refs
+
+    def _collect(self) -> list[Event]:
+        """Every answer and death that is ready now, without blocking."""
+        actors = [*filter(None, self._actors), *self._retiring]
+        everything = [ref for actor in actors for ref in actor.refs()]
+        if not everything:
+            return []
+        ready = set(self._ray.wait(everything, num_returns=len(everything), timeout=0)[0])
+        events: list[Event] = []
+        for index, actor in enumerate(self._actors):
+            if actor is not None:
+                self._collect_actor(index, actor, ready, events)
+        self._reap_retiring(ready)
+        return events
+
+    def _collect_actor(
+        self, index: int, actor: _Actor, ready: set[Any], events: list[Event]
+    ) -> None:
+        if actor.watch in ready:
+            ready |= self._settle(actor)
+        while (ref := actor.next_answer()) is not None and ref in ready:
+            if ref is actor.start:
+                actor.start = None
+            else:
+                actor.pending.popleft()
+            answer = self._fetch(ref)
+            if isinstance(answer, BaseException):
+                events.append((index, self._bury(index, actor, answer)))
+                return
+            message = _decode(self._codec, answer)
+            if isinstance(message, Ready):
+                actor.pid = message.pid
+            elif isinstance(message, InitFailed):
+                actor.exitcode = 0  # like a worker process, it ends after saying so
+                self._kill(actor)
+            events.append((index, message))
+        if actor.watch in ready:
+            events.append((index, self._bury(index, actor, self._fetch(actor.watch))))
+
+    def _settle(self, actor: _Actor) -> set[Any]:
+        """Let a dead actor's outstanding calls resolve: answered before death, or failed."""
+        refs = actor.refs()
+        return set(self._ray.wait(refs, num_returns=len(refs), timeout=_SETTLE_SECONDS)[0])
+
+    def _fetch(self, ref: Any) -> bytes | BaseException:
+        try:
+            value: bytes = self._ray.get(ref)
+        except self._ray.exceptions.RayError as exc:  # the actor died, or Ray lost the answer
+            error: BaseException = exc
+            return error
+        return value
+
+    def _bury(self, index: int, actor: _Actor, cause: object) -> WorkerExited:
+        """Report the death of worker ``index`` once, and make sure the actor is gone."""
+        self._kill(actor)  # a lost answer or an unreachable actor counts as a death too
+        self._actors[index] = None
+        report = str(cause) if isinstance(cause, BaseException) else ""
+        return WorkerExited(pid=actor.pid, exitcode=actor.exitcode, crash_report=report)
+
+    def _reap_retiring(self, ready: set[Any]) -> None:
+        still = []
+        for actor in self._retiring:
+            if actor.watch in ready or all(ref in ready for ref in actor.pending):
+                self._kill(actor)
+            else:
+                still.append(actor)
+        self._retiring = still
+
+    def _kill(self, actor: _Actor) -> None:
+        with contextlib.suppress(Exception):  # already dead, or Ray already shut down
+            self._ray.kill(actor.handle, no_restart=True)
+
+
+# -- shipping the worker definition -------------------------------------------------------------
+
+
+def _dumps_spec(spec: WorkerSpec) -> bytes:
+    """Pickle the spec, shipping by value the code of modules Ray workers may not import.
+
+    A class defined in a test module, a script next to ``__main__`` or a notebook is found
+    through the driver's ``sys.path`` only; the actor may run on another machine or from
+    another directory, so its code travels inside the pickle (``register_pickle_by_value``).
+    """
+    modules = [m for m in map(_module_of, (spec.target, spec.collate_fn)) if m is not None]
+    by_value = [m for m in modules if not _importable_everywhere(m)]
+    if not by_value:
+        return dumps_by_value(spec)
+    cloudpickle = _cloudpickle()
+    registered = set(cloudpickle.list_registry_pickle_by_value())
+    added = [m for m in by_value if m.__name__ not in registered and m.__name__ != "__main__"]
+    for module in added:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        data: bytes = cloudpickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
+    finally:
+        for module in added:
+            cloudpickle.unregister_pickle_by_value(module)
+    return data
+
+
+def _cloudpickle() -> Any:
+    try:
+        import cloudpickle
+    except ImportError:  # Ray carries its own copy
+        from ray import cloudpickle
+    return cloudpickle
+
+
+def _module_of(obj: object) -> ModuleType | None:
+    name = getattr(obj, "__module__", None)
+    return None if obj is None or name is None else sys.modules.get(name)
+
+
+@functools.cache
+def _install_dirs() -> tuple[Path, ...]:
+    paths = sysconfig.get_paths()
+    dirs = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths}
+    dirs.update(getattr(site, "getsitepackages", list)())
+    return tuple(Path(d).resolve() for d in dirs)
+
+
+def _importable_everywhere(module: ModuleType) -> bool:
+    """Installed (site-packages, stdlib, this package) rather than found via the driver's path."""
+    name = module.__name__
+    if name in ("__main__", "__mp_main__"):
+        return False
+    if name.partition(".")[0] in ("py_stateful_map", "ray") or name in sys.builtin_module_names:
+        return True
+    file = getattr(module, "__file__", None)
+    if file is None:
+        return False
+    path = Path(file).resolve()
+    return any(path.is_relative_to(directory) for directory in _install_dirs())
+
+
+# -- connecting ---------------------------------------------------------------------------------
+
+
+def _check_actor_options(actor_options: Sequence[dict[str, Any]]) -> None:
+    owned = sorted({key for options in actor_options for key in options} & {*_POOL_OWNED_OPTIONS})
+    if owned:
+        raise ValueError(
+            f"ray_actor_options may not set {owned}: the pool restarts workers and re-runs "
+            "items itself (see max_restarts and max_retries of the pool)"
+        )
+
+
+def _with_defaults(ray: Any, actor_options: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One CPU per actor by default, or an equal share when the cluster has fewer CPUs.
+
+    Every actor must be placed before the pool starts, so on a fixed cluster a pool asking for
+    more CPUs than exist would wait forever; a fractional share (rounded down to Ray's 1e-4
+    resolution) keeps it startable. Explicit ``num_cpus`` is left as given.
+    """
+    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    count = len(actor_options)
+    share = 1.0 if cpus == 0 or cpus >= count else math.floor(cpus / count * 10_000) / 10_000
+    return [
+        {"num_cpus": share, **options, "max_restarts": 0, "max_task_retries": 0}
+        for options in actor_options
+    ]
+
+
+def _warn_if_unschedulable(ray: Any, options: Sequence[dict[str, Any]]) -> None:
+    total = ray.cluster_resources()
+    for resource, key in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        wanted = sum(float(o.get(key) or 0) for o in options)
+        if wanted > total.get(resource, 0.0):
+            logger.warning(
+                "the %d Ray actors ask for %g %s(s) in all but the cluster has %g: some will "
+                "wait for resources (lower %r in ray_actor_options, or add nodes)",
+                len(options),
+                wanted,
+                resource,
+                total.get(resource, 0.0),
+                key,
+            )
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Session:
+    """The Ray connection this module opened, shared by the pools using it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._gcs_address: str | None = None
+
+    def acquire(self, address: str | None) -> tuple[Any, bool]:
+        """Ray, connected; and whether the caller holds a share of a connection opened here."""
+        with self._lock:
+            ray = sys.modules.get("ray")
+            if ray is None or not ray.is_initialized():
+                ray = self._connect(address or os.environ.get("RAY_ADDRESS") or None)
+                self._users = 1
+                self._gcs_address = ray.get_runtime_context().gcs_address
+                logger.info("connected to Ray at %s", self._gcs_address)
+                return ray, True
+            connected = ray.get_runtime_context().gcs_address
+            if address is not None and address != connected:
+                logger.warning(
+                    "Ray is connected to %s: ray_address=%r is ignored", connected, address
+                )
+            if self._users and connected == self._gcs_address:
+                self._users += 1
+                return ray, True
+            return ray, False  # initialized by the user: theirs to shut down
+
+    @staticmethod
+    def _connect(target: str | None) -> Any:
+        if target is None or _is_loopback(target):
+            # Read when Ray is imported: "127.0.0.1" then stays 127.0.0.1 instead of being
+            # replaced by the machine's outward address (Ray's default on Linux).
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if target is None:
+            # Recent Ray (2.60) otherwise gives a new local instance a required auth token.
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        import ray
+
+        if target is None:
+            # "local", not None: None would join whatever instance `ray start` left running.
+            ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK)
+        elif _is_loopback(target):
+            ray.init(address=target, _node_ip_address=LOOPBACK)
+        else:
+            ray.init(address=target)
+        return ray
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                import ray
+
+                if ray.is_initialized():
+                    ray.shutdown()
+                self._gcs_address = None
+
+
+_session = _Session()
