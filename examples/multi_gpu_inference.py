@@ -69,7 +69,8 @@ class MlpWorker:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model(batch.to(self.device, non_blocking=True))
+            output: torch.Tensor = self.model(batch.to(self.device, non_blocking=True))
+        return output
 
 
 class SyntheticVectors(Sequence[torch.Tensor]):

@@ -11,7 +11,12 @@ standard library.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
+
+# A library logs, the application decides what is shown: without logging configured, nothing
+# is printed (not even warnings through Python's last-resort handler).
+logging.getLogger("py_stateful_map").addHandler(logging.NullHandler())
 
 __version__ = "0.4.0.dev0"
 

@@ -127,6 +127,13 @@ class Dispatcher:
                 slot = self.slots[index]
                 if isinstance(message, Ready):
                     slot.mark_ready(message.pid, message.init_seconds)
+                    logger.info(
+                        "worker %d ready (pid %s%s, %.2fs)",
+                        slot.index,
+                        message.pid,
+                        slot.device_note,
+                        message.init_seconds,
+                    )
                 elif isinstance(message, InitFailed):
                     raise self._init_error(slot, message)
                 elif isinstance(message, WorkerExited):
@@ -261,9 +268,13 @@ class Dispatcher:
         if len(chunk.items) > 1:
             self._retry.extendleft(reversed(chunk.split(self.new_chunk_id)))
             return
-        what = "input item" if inbound else "result or exception of item"
+        if inbound:
+            item = chunk.items[0]
+            what = f"input item {chunk.start} ({type(item).__module__}.{type(item).__qualname__})"
+        else:
+            what = f"the result or exception of item {chunk.start}"
         self._complete_with_error(
-            chunk, SerializationError(f"{what} {chunk.start} cannot be unpickled: {reason}")
+            chunk, SerializationError(f"{what} cannot be unpickled: {reason}")
         )
 
     def _complete_with_error(self, chunk: Chunk, error: BaseException, tb_text: str = "") -> None:
@@ -307,6 +318,7 @@ class Dispatcher:
             )
             self._complete_with_error(chunk, error)
         elif len(chunk.items) > 1:
+            slot.retries += len(chunk.items)  # every item of the running chunk runs again
             self._retry.extendleft(reversed(chunk.split(self.new_chunk_id)))
         else:
             chunk.attempts += 1

@@ -21,15 +21,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from itertools import chain, islice, repeat
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic
 
 from ._chunking import ChunkSizer
 from ._dispatcher import Chunk, Completion, Dispatcher
 from ._protocol import ItemError
 from .errors import PoolBrokenError, PoolBusyError, RemoteTraceback
-from .results import ExceptionBehavior, WorkerResultWrapper
-
-T = TypeVar("T")
+from .results import ExceptionBehavior, T, WorkerResultWrapper
 
 #: (first item index, values, errors) of a completion ready for the caller.
 Ready = tuple[int, list[Any], list[ItemError] | None]

@@ -61,6 +61,7 @@ class ChunkDone:
     chunk_id: int
     busy_seconds: float
     oom_backoffs: int = 0
+    start: int = 0  # index of the chunk's first item, for error messages
     payload_bytes: int = 0  # filled in by the receiving transport, for the chunk sizer
     payload: Any = None
 

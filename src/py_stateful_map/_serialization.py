@@ -13,7 +13,9 @@ import pickle
 import struct
 from typing import Any, TypeVar
 
+from ._protocol import ChunkDone, FromWorker, InitFailed, ResultUnreadable
 from ._shared_memory import Descriptor, SegmentPool, SegmentReader
+from .errors import SerializationError
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _HEADER_SIZE = struct.Struct("<I")
@@ -121,3 +123,22 @@ class Codec:
             return message
         payload = self.reader.loads(raw, descriptors)
         return dataclasses.replace(message, payload=payload)  # type: ignore[type-var]
+
+
+def decode_from_worker(codec: Codec, frame: bytes) -> FromWorker:
+    """Decode a worker's frame; a payload that cannot be unpickled blames its chunk."""
+    header, raw_payload, descriptors = codec.decode_header(frame)
+    try:
+        message = codec.with_payload(header, raw_payload, descriptors)
+        if isinstance(message, ChunkDone):
+            size = len(raw_payload) + sum(nbytes for _, nbytes in descriptors)
+            message = dataclasses.replace(message, payload_bytes=size)
+        return message  # type: ignore[no-any-return]
+    except Exception as exc:  # blame the chunk, not the channel
+        reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(header, ChunkDone):
+            return ResultUnreadable(header.chunk_id, payload=reason)
+        if isinstance(header, InitFailed):
+            error = SerializationError(f"the constructor's exception cannot be unpickled: {reason}")
+            return InitFailed(header.pid, payload=(error, ""))
+        raise

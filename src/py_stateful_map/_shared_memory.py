@@ -212,6 +212,38 @@ def unlink_prefix(prefix: str) -> int:
     return removed
 
 
+def sweep_orphans() -> int:
+    """Remove segments whose parent process no longer exists; returns how many.
+
+    A parent killed while a worker was stuck in native code leaves that worker no chance to
+    clean up; the next pool started on the machine does it.
+    """
+    if not SHM_DIR.is_dir():
+        return 0
+    dead: set[str] = set()
+    alive: set[str] = set()
+    removed = 0
+    for path in SHM_DIR.glob("psm-*"):
+        pid = path.name.split("-")[1]
+        if pid not in alive and pid not in dead:
+            (dead if not pid.isdigit() or not _pid_alive(int(pid)) else alive).add(pid)
+        if pid in dead:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
 def _pickler(stream: io.BytesIO, place: Callable[[pickle.PickleBuffer], bool]) -> pickle.Pickler:
     pickler = pickle.Pickler(stream, _PROTOCOL, buffer_callback=place)
     torch = sys.modules.get("torch")

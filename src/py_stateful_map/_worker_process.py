@@ -40,7 +40,12 @@ _parent_pid: int | None = None  # set once at start; names the shared memory to 
 
 
 def worker_process_main(
-    conn: Connection, env: dict[str, str], spec_bytes: bytes, crash_log_path: str, parent_pid: int
+    conn: Connection,
+    env: dict[str, str],
+    spec_bytes: bytes,
+    crash_log_path: str,
+    parent_pid: int,
+    death_signal: bool,
 ) -> None:
     """Run one worker until told to stop or until the parent goes away."""
     global _parent_pid
@@ -50,7 +55,7 @@ def worker_process_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     crash_log = open(crash_log_path, "w")  # noqa: SIM115, PTH123 - must outlive this frame
     faulthandler.enable(file=crash_log, all_threads=True)
-    _watch_parent(conn, parent_pid)
+    _watch_parent(conn, parent_pid, death_signal)
     pool = SegmentPool(f"{prefix_for(parent_pid)}w{os.getpid()}-") if available() else None
     codec = Codec(pool)
     try:
@@ -73,7 +78,7 @@ def worker_process_main(
             if pool is not None:
                 pool.close()
             return
-        _send(conn, codec, _run(runtime, codec, task, raw_items, descriptors))
+        _send(conn, codec, run_encoded_chunk(runtime, codec, task, raw_items, descriptors))
 
 
 def _exit_parent_gone(parent_pid: int) -> NoReturn:
@@ -82,12 +87,38 @@ def _exit_parent_gone(parent_pid: int) -> NoReturn:
     os._exit(EXIT_PARENT_GONE)
 
 
-def _watch_parent(conn: Connection, parent_pid: int) -> None:
-    if os.getppid() == parent_pid and sys.platform.startswith("linux"):
+def _let_the_forkserver_end_with_the_parent() -> None:
+    """Close our copy of the forkserver's "parent alive" pipe.
+
+    multiprocessing hands every forkserver child a copy of it; while any child holds it the
+    forkserver outlives the parent, and so would the death signal it should trigger. Our
+    worker never starts processes through the parent's forkserver (a nested pool starts its
+    own), so the copy is of no use here.
+    """
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None  # type: ignore[union-attr]
+
+
+def _watch_parent(conn: Connection, parent_pid: int, death_signal: bool) -> None:
+    """Exit when the parent dies, even while user code holds the GIL in a C call.
+
+    The watchdog thread needs the GIL to act; ``PR_SET_PDEATHSIG`` does not: the kernel kills
+    us when our OS parent ends — the pool's process (spawn, fork), or the forkserver, which
+    exits when the pool's process does. The parent asks for it only where it is safe (a
+    spawn/fork worker started from a short-lived thread would die with that thread).
+    """
+    _let_the_forkserver_end_with_the_parent()
+    if death_signal and sys.platform.startswith("linux"):
+        os_parent = os.getppid()
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        if os.getppid() != os_parent:  # the parent died before prctl took effect
             _exit_parent_gone(parent_pid)
     hang_up = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
     poller = select.poll()
@@ -101,7 +132,7 @@ def _watch_parent(conn: Connection, parent_pid: int) -> None:
     threading.Thread(target=watch, name="psm-parent-watchdog", daemon=True).start()
 
 
-def _run(
+def run_encoded_chunk(
     runtime: WorkerRuntime,
     codec: Codec,
     task: RunChunk,
@@ -121,14 +152,14 @@ def _send(
     try:
         frame, _ = codec.encode(message)
     except Exception:  # find the item(s) at fault and send the rest
-        frame, _ = codec.encode(_make_sendable(message))
+        frame, _ = codec.encode(make_sendable(message))
     try:
         conn.send_bytes(frame)
     except OSError:
         _exit_parent_gone(os.getppid() if _parent_pid is None else _parent_pid)
 
 
-def _make_sendable(message: Any) -> Any:
+def make_sendable(message: Any) -> Any:
     """Replace each value or exception that cannot be pickled with a per-item error."""
     if isinstance(message, InitFailed):
         exc, tb_text = message.payload
@@ -137,7 +168,8 @@ def _make_sendable(message: Any) -> Any:
         raise TypeError(f"cannot make {type(message).__name__} sendable")
     values, errors = message.payload
     fixed_errors: list[ItemError] = [
-        (offset, _picklable_exception(exc, "exception"), tb) for offset, exc, tb in errors or ()
+        (offset, _picklable_exception(exc, f"exception of item {message.start + offset}"), tb)
+        for offset, exc, tb in errors or ()
     ]
     fixed_values = list(values)
     for offset, value in enumerate(values):
@@ -145,8 +177,8 @@ def _make_sendable(message: Any) -> Any:
         if reason is not None:
             fixed_values[offset] = None
             error = SerializationError(
-                f"the result ({type(value).__module__}.{type(value).__qualname__}) "
-                f"cannot be pickled: {reason}"
+                f"the result of item {message.start + offset} "
+                f"({type(value).__module__}.{type(value).__qualname__}) cannot be pickled: {reason}"
             )
             fixed_errors.append((offset, error, ""))
     fixed_errors.sort(key=lambda entry: entry[0])

@@ -129,6 +129,7 @@ class WorkerRuntime:
         values, errors, backoffs = self._run(items)
         return ChunkDone(
             chunk_id=task.chunk_id,
+            start=task.start,
             busy_seconds=time.perf_counter() - started,
             oom_backoffs=backoffs,
             payload=(values, errors),

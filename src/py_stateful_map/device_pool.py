@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from ._device_discovery import CPU, DevicePlacement, DeviceProbe, DeviceRequest, place_devices
 from .pool import StateFullWorkerPool
-
-T = TypeVar("T")
+from .results import T
 
 #: Thread-pool variables of the usual numeric libraries; set for CPU workers unless the user
 #: already chose a value, so N workers on N cores do not each start N threads.
@@ -61,6 +60,19 @@ class DevicePool(StateFullWorkerPool[T]):
     ) -> None:
         if not isinstance(workers_per_device, int) or workers_per_device < 1:
             raise ValueError(f"workers_per_device must be an int >= 1, got {workers_per_device!r}")
+        if pool_options.get("backend") == "ray":
+            self._init_on_ray(
+                worker_class,
+                devices,
+                workers_per_device,
+                device_kwarg,
+                batch_size,
+                collate_fn,
+                shared_kwarg_dict,
+                init_concurrency,
+                pool_options,
+            )
+            return
         placements = [
             placement
             for placement in place_devices(devices, probe=device_probe)
@@ -89,6 +101,58 @@ class DevicePool(StateFullWorkerPool[T]):
             worker_device_arr=self.devices,
             **pool_options,
         )
+
+    def _init_on_ray(
+        self,
+        worker_class: Callable[..., Any],
+        devices: DeviceRequest,
+        workers_per_device: int,
+        device_kwarg: str,
+        batch_size: int | None,
+        collate_fn: Callable[[list[Any]], Any] | None,
+        shared_kwarg_dict: dict[str, Any] | None,
+        init_concurrency: int | None,
+        pool_options: dict[str, Any],
+    ) -> None:
+        """Devices of a Ray cluster: Ray picks the GPU of each actor and hides the others.
+
+        ``"auto"`` means every GPU of the cluster (else CPU actors), an int N means N GPUs,
+        a list means one GPU per entry; each GPU actor asks for ``1 / workers_per_device``
+        GPU and is given ``device="cuda:0"``, the only GPU it sees.
+        """
+        from .backends.ray import cluster_gpus
+
+        with cluster_gpus(pool_options.get("ray_address")) as available:
+            gpus = _ray_gpu_request(devices, available)
+            count = max(1, gpus) * workers_per_device
+            device = "cuda:0" if gpus else CPU
+            self.devices = [device] * count
+            actor = {"num_gpus": 1 / workers_per_device} if gpus else {}
+            per_worker = pool_options.pop("worker_kwarg_dict_arr", None) or [{}] * count
+            super().__init__(
+                count,
+                worker_class,
+                shared_kwarg_dict,
+                [{**extra, device_kwarg: device} for extra in per_worker],
+                batch_size=batch_size,
+                collate_fn=collate_fn,
+                init_concurrency=init_concurrency,
+                ray_actor_options=[dict(actor) for _ in range(count)],
+                worker_device_arr=self.devices,
+                **pool_options,
+            )
+
+
+def _ray_gpu_request(devices: DeviceRequest, available: int) -> int:
+    """How many GPUs of the Ray cluster a device request asks for."""
+    if devices == "auto":
+        return available
+    if isinstance(devices, str) and devices.strip().lower() == CPU:
+        return 0
+    wanted = devices if isinstance(devices, int) else len(devices)
+    if wanted > available:
+        raise ValueError(f"{wanted} GPU(s) requested but the Ray cluster has {available}")
+    return wanted
 
 
 def _runs_in_processes(options: dict[str, Any]) -> bool:

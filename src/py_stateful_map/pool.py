@@ -14,7 +14,7 @@ import logging
 import multiprocessing
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic
 
 from ._chunking import ChunkSizer
 from ._dispatcher import Dispatcher, FaultPolicy
@@ -24,12 +24,11 @@ from ._worker_runtime import WorkerSpec
 from ._worker_stats import WorkerSlot
 from .backends.base import Backend
 from .errors import PoolBrokenError
-from .results import ArgumentPassing, ExceptionBehavior, WorkerResultWrapper
+from .results import ArgumentPassing, ExceptionBehavior, T, WorkerResultWrapper
 from .stats import PoolStats
 
 logger = logging.getLogger("py_stateful_map")
 
-T = TypeVar("T")
 
 BACKENDS = ("processes", "threads", "inline", "ray")
 #: Backends whose workers can be killed, so a stuck item can be timed out.

@@ -7,9 +7,16 @@ without pulling in any scheduling machinery.
 from __future__ import annotations
 
 import enum
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic
 
-T = TypeVar("T")
+if TYPE_CHECKING:  # PEP 696 default: an un-annotated pool is a pool of Any, not an error
+    from typing_extensions import TypeVar
+
+    T = TypeVar("T", default=Any)
+else:
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 
 class ArgumentPassing(enum.Enum):

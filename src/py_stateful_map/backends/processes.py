@@ -16,7 +16,6 @@ is blocked writing — the classic two-way pipe deadlock.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -26,6 +25,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -35,16 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from .._protocol import (
-    ChunkDone,
-    FromWorker,
-    InitFailed,
-    ResultUnreadable,
     Stop,
     ToWorker,
     WorkerExited,
 )
-from .._serialization import Codec, dumps_by_value
-from .._shared_memory import SegmentPool, available, prefix_for, unlink_prefix
+from .._serialization import Codec, decode_from_worker, dumps_by_value
+from .._shared_memory import SegmentPool, available, prefix_for, sweep_orphans, unlink_prefix
 from .._worker_process import worker_process_main
 from .._worker_runtime import WorkerSpec
 from ..errors import SerializationError
@@ -63,6 +59,7 @@ class ProcessBackend:
         self, specs: Sequence[WorkerSpec], envs: Sequence[dict[str, str]], start_method: str
     ) -> None:
         self._ctx: Any = multiprocessing.get_context(start_method)
+        self._start_method = start_method
         if start_method == "forkserver":
             # Workers fork from a server that already imported us: faster starts.
             self._ctx.set_forkserver_preload(["py_stateful_map._worker_process"])
@@ -82,6 +79,7 @@ class ProcessBackend:
         self._at_eof: set[int] = set()
         self._retiring: list[tuple[BaseProcess, Connection]] = []
         self._crash_dir = Path(tempfile.mkdtemp(prefix="py_stateful_map-"))
+        sweep_orphans()  # segments of earlier runs whose parent was killed mid-transfer
         own_prefix = f"{prefix_for(os.getpid())}p{next(_POOL_IDS)}-"
         self._segments = SegmentPool(own_prefix) if available() else None
         self._codecs: list[Codec] = [Codec(self._segments) for _ in range(count)]
@@ -100,6 +98,8 @@ class ProcessBackend:
                 self._spec_bytes[index],
                 str(self._crash_log(index)),
                 os.getpid(),
+                self._start_method == "forkserver"
+                or threading.current_thread() is threading.main_thread(),
             ),
             name=f"py_stateful_map-worker-{index}",
         )
@@ -200,7 +200,7 @@ class ProcessBackend:
             return
         try:
             while conn.poll():
-                events.append((index, _decode(self._codecs[index], conn.recv_bytes())))
+                events.append((index, decode_from_worker(self._codecs[index], conn.recv_bytes())))
         except (EOFError, OSError):
             self._at_eof.add(index)  # the sentinel will fire too; it reports the death
 
@@ -273,7 +273,8 @@ class ProcessBackend:
             process.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         for process, _ in live:
             if process.is_alive():
-                logger.warning("worker pid %s did not stop in time; terminating it", process.pid)
+                log = logger.info if cancel else logger.warning  # cancelling: expected
+                log("worker pid %s did not stop in time; terminating it", process.pid)
                 process.terminate()
                 process.join(1.0)
             if process.is_alive():
@@ -317,21 +318,3 @@ def _connection_frame(frame: bytes) -> bytes:
 def _send_stop(conn: Connection) -> None:
     with contextlib.suppress(OSError):  # already gone
         conn.send_bytes(Codec().encode(Stop())[0])
-
-
-def _decode(codec: Codec, frame: bytes) -> FromWorker:
-    header, raw_payload, descriptors = codec.decode_header(frame)
-    try:
-        message = codec.with_payload(header, raw_payload, descriptors)
-        if isinstance(message, ChunkDone):
-            size = len(raw_payload) + sum(nbytes for _, nbytes in descriptors)
-            message = dataclasses.replace(message, payload_bytes=size)
-        return message  # type: ignore[no-any-return]
-    except Exception as exc:  # blame the chunk, not the channel
-        reason = f"{type(exc).__name__}: {exc}"
-        if isinstance(header, ChunkDone):
-            return ResultUnreadable(header.chunk_id, payload=reason)
-        if isinstance(header, InitFailed):
-            error = SerializationError(f"the constructor's exception cannot be unpickled: {reason}")
-            return InitFailed(header.pid, payload=(error, ""))
-        raise

@@ -48,7 +48,7 @@ import sysconfig
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,12 +56,11 @@ from types import ModuleType
 from typing import Any
 
 from .._protocol import InitFailed, Ready, RunChunk, ToWorker, WorkerExited
-from .._serialization import Codec, dumps_by_value, loads
-from .._worker_process import _make_sendable, _run
+from .._serialization import Codec, decode_from_worker, dumps_by_value, loads
+from .._worker_process import make_sendable, run_encoded_chunk
 from .._worker_runtime import WorkerRuntime, WorkerSpec, format_exception_text
 from ..errors import SerializationError
 from .base import Event
-from .processes import _decode
 
 logger = logging.getLogger("py_stateful_map")
 
@@ -124,13 +123,15 @@ class _ActorWorker:
     def _run(self, frame: bytes) -> bytes:
         assert self._runtime is not None, "start() must succeed before chunks are run"
         task, raw_items, descriptors = self._codec.decode_header(frame)
-        return self._frame(_run(self._runtime, self._codec, task, raw_items, descriptors))
+        return self._frame(
+            run_encoded_chunk(self._runtime, self._codec, task, raw_items, descriptors)
+        )
 
     def _frame(self, message: Any) -> bytes:
         try:
             frame, _ = self._codec.encode(message)
         except Exception:  # find the item(s) at fault and send the rest
-            frame, _ = self._codec.encode(_make_sendable(message))
+            frame, _ = self._codec.encode(make_sendable(message))
         return frame
 
 
@@ -311,7 +312,7 @@ class RayBackend:
             if isinstance(answer, BaseException):
                 events.append((index, self._bury(index, actor, answer)))
                 return
-            message = _decode(self._codec, answer)
+            message = decode_from_worker(self._codec, answer)
             if isinstance(message, Ready):
                 actor.pid = message.pid
             elif isinstance(message, InitFailed):
@@ -531,3 +532,18 @@ class _Session:
 
 
 _session = _Session()
+
+
+@contextlib.contextmanager
+def cluster_gpus(address: str | None) -> Iterator[int]:
+    """The number of GPUs in the Ray cluster, holding the connection open meanwhile.
+
+    ``DevicePool(backend="ray")`` sizes itself with this; holding the connection until its
+    backend has joined it avoids starting a local instance twice.
+    """
+    ray, shared = _session.acquire(address)
+    try:
+        yield int(ray.cluster_resources().get("GPU", 0))
+    finally:
+        if shared:
+            _session.release()

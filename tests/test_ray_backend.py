@@ -1,0 +1,636 @@
+"""The pool on Ray actors (``backend="ray"``), against a real local Ray instance on 127.0.0.1.
+
+One Ray instance serves the whole module (starting one takes seconds); the backend finds it
+initialized and leaves it running. Every worker class here lives in this test module, which
+Ray's worker processes are not guaranteed to import: the backend ships it by value. Items are
+plain data, so only the worker definition needs that treatment.
+
+The last test starts a separate head with ``ray start`` and connects to it by address from a
+child process, then ends that head's processes by pid (never ``ray stop``, which would end
+every Ray instance on the machine).
+"""
+
+from __future__ import annotations
+
+import importlib
+import ipaddress
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Read by Ray when it is imported: keep every address on loopback, no auth token, no telemetry.
+for _name, _value in (
+    ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),
+    ("RAY_AUTH_MODE", "disabled"),
+    ("RAY_USAGE_STATS_ENABLED", "0"),
+):
+    os.environ.setdefault(_name, _value)
+
+ray = pytest.importorskip("ray")
+
+from py_stateful_map import (  # noqa: E402
+    DevicePool,
+    ExceptionBehavior,
+    RemoteTraceback,
+    StateFullWorkerPool,
+    WorkerDiedError,
+    WorkerInitError,
+)
+from py_stateful_map.backends import ray as ray_backend  # noqa: E402
+from py_stateful_map.errors import TaskTimeoutError  # noqa: E402
+
+DEFERRED = ExceptionBehavior.DEFERRED
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray() -> Iterator[None]:
+    """A local Ray instance with two CPUs, on 127.0.0.1, in its own temp dir."""
+    if ray.is_initialized():  # started by another module: use it as is
+        yield
+        return
+    temp_dir = tempfile.mkdtemp(prefix="psm-ray-", dir="/tmp")  # short: socket paths
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def ray_pool(target: Any, shared_kwarg_dict: dict[str, Any] | None = None, **options: Any) -> Any:
+    return StateFullWorkerPool(2, target, shared_kwarg_dict, backend="ray", **options)
+
+
+# -- workers (module level, shipped by value) ---------------------------------------------------
+
+
+class ItemFailedError(Exception):
+    """A user exception with several args, raised inside an actor."""
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def sleep_then_return(item: tuple[int, float]) -> int:
+    index, seconds = item
+    time.sleep(seconds)
+    return index
+
+
+def raise_on_multiple_of_three(x: int) -> int:
+    if x % 3 == 0:
+        raise ItemFailedError("bad item", x)
+    return x * 10
+
+
+def long_item_zero_fast_failure(x: int) -> int:
+    if x == 0:
+        time.sleep(5.0)
+    if x == 1:
+        raise ItemFailedError("fast failure", x)
+    return x
+
+
+def payload_size(item: Any) -> int:
+    return len(item) if isinstance(item, bytes) else -item
+
+
+class Identity:
+    """Records each construction as a marker file; returns who handled each item."""
+
+    def __init__(self, marker_dir: str, delay: float = 0.002) -> None:
+        self.pid = os.getpid()
+        self.token = uuid.uuid4().hex
+        self.delay = delay
+        (Path(marker_dir) / f"built-{self.pid}-{self.token}").touch()
+
+    def __call__(self, x: int) -> tuple[int, str, int]:
+        time.sleep(self.delay)
+        return self.pid, self.token, x
+
+
+class Faulty:
+    """Items are words: ``"kill"`` SIGKILLs the actor, ``"hang"`` sleeps, others echo."""
+
+    def __call__(self, item: Any) -> Any:
+        if item == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(10)
+        if item == "hang":
+            time.sleep(60)
+        return item
+
+
+class TouchingWorker:
+    """Marks each item it starts; item 0 is slow, item 1 fails, the rest are quick."""
+
+    def __init__(self, marker_dir: str, slow_seconds: float) -> None:
+        self.marker_dir = Path(marker_dir)
+        self.slow_seconds = slow_seconds
+
+    def __call__(self, x: int) -> int:
+        (self.marker_dir / f"started-{x}").touch()
+        if x == 0:
+            time.sleep(self.slow_seconds)
+        if x == 1:
+            raise ItemFailedError("fails after start", x)
+        return x
+
+
+class FailsToBuild:
+    def __init__(self, index: int, fail_index: int) -> None:
+        if index == fail_index:
+            raise RuntimeError("cannot load the model", index)
+
+    def __call__(self, x: int) -> int:
+        return x
+
+
+class BatchEcho:
+    """A batched worker: returns ``(device, item, batch length)`` per item."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def __call__(self, batch: list[int]) -> list[tuple[str, int, int]]:
+        return [(self.device, item, len(batch)) for item in batch]
+
+
+class ArrayDoubler:
+    def __call__(self, array: Any) -> Any:
+        return array * 2
+
+
+class CountingSource:
+    """An endless iterator without ``len()`` that counts how much was pulled."""
+
+    def __init__(self) -> None:
+        self._source = itertools.count()
+        self.pulled = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return self
+
+    def __next__(self) -> int:
+        self.pulled += 1
+        return next(self._source)
+
+
+# -- results ------------------------------------------------------------------------------------
+
+
+def test_ordered_and_unordered_maps_return_every_item_once() -> None:
+    items = [(i, (i * 7 % 5) * 0.002) for i in range(60)]
+    with ray_pool(sleep_then_return) as pool:
+        ordered = list(pool.map(items))
+        unordered = list(pool.map(items, is_unordered=True))
+    assert [r.obj_id for r in ordered] == list(range(60))
+    assert [r.ret_val for r in ordered] == list(range(60))
+    assert sorted(r.obj_id for r in unordered) == list(range(60))
+    assert all(r.ret_val == r.obj_id and r.exception_obj is None for r in unordered)
+
+
+def test_map_reads_endless_generator_with_bounded_read_ahead() -> None:
+    source = CountingSource()
+    with ray_pool(square) as pool:
+        result = pool.map(source)
+        with pytest.raises(TypeError):
+            len(result)
+        for consumed, r in enumerate(result, start=1):
+            assert r.ret_val == r.obj_id * r.obj_id
+            if consumed == 2000:
+                break
+        assert source.pulled - consumed < 100_000
+
+
+def test_len_of_map_equals_len_of_sized_input() -> None:
+    with ray_pool(square) as pool:
+        for values in (list(range(17)), range(5, 30), []):
+            result = pool.map(values)
+            assert len(result) == len(values)
+            assert [r.ret_val for r in result] == [v * v for v in values]
+
+
+def test_large_arrays_cross_both_ways() -> None:
+    np = pytest.importorskip("numpy")
+    arrays = [np.full((512, 1024), i, dtype=np.float64) for i in range(3)]  # 4 MiB each
+    with ray_pool(ArrayDoubler, chunk_size=1) as pool:
+        results = [r.ret_val for r in pool.map(arrays)]
+    for i, result in enumerate(results):
+        assert result.shape == (512, 1024)
+        assert float(result[0, 0]) == 2.0 * i
+
+
+def test_answers_keep_their_order_when_large_and_small_chunks_mix() -> None:
+    # Arguments over ~100 KiB travel through the object store and can reach an actor after
+    # later, smaller ones: the backend must still run and report them in the order sent.
+    items: list[Any] = [os.urandom(1_500_000) if i % 3 == 0 else i for i in range(24)]
+    with StateFullWorkerPool(1, payload_size, backend="ray", chunk_size=1) as pool:
+        sizes = [r.ret_val for r in pool.map(items)]
+    assert sizes == [1_500_000 if i % 3 == 0 else -i for i in range(24)]
+
+
+def test_more_workers_than_cpus_share_the_cpus() -> None:
+    with StateFullWorkerPool(3, square, backend="ray") as pool:  # the cluster has 2 CPUs
+        assert [r.ret_val for r in pool.map(range(12))] == [x * x for x in range(12)]
+        assert len({w["pid"] for w in pool.stats().workers}) == 3
+
+
+def test_restart_options_belong_to_the_pool() -> None:
+    with pytest.raises(ValueError, match="max_restarts"):
+        ray_pool(square, ray_actor_options=[{"max_restarts": 3}, {}])
+
+
+# -- worker state and shipping ------------------------------------------------------------------
+
+
+def test_each_actor_is_built_once_and_reused_across_maps(tmp_path: Path) -> None:
+    with ray_pool(Identity, {"marker_dir": str(tmp_path)}) as pool:
+        first = list(pool.map(range(30)))
+        second = list(pool.map(range(30, 60)))
+        stats = pool.stats()
+    assert [r.ret_val[2] for r in first + second] == list(range(60))
+    built = {tuple(p.name.split("-", 2)[1:]) for p in tmp_path.glob("built-*")}
+    assert len(built) == 2, f"constructed {len(built)} times: {built}"
+    assert {(str(r.ret_val[0]), r.ret_val[1]) for r in first + second} <= built
+    assert {w["pid"] for w in stats.workers} == {int(pid) for pid, _ in built}
+    assert stats.restarts == 0
+
+
+def test_worker_from_a_module_only_the_driver_can_import(tmp_path: Path) -> None:
+    name = f"psm_ray_user_module_{uuid.uuid4().hex}"
+    (tmp_path / f"{name}.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+
+            OFFSET = 1000
+
+            class Model:
+                def __init__(self, scale):
+                    self.scale = scale
+
+                def __call__(self, x):
+                    return x * self.scale + OFFSET, os.getpid()
+            """
+        )
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = importlib.import_module(name)
+        assert not ray_backend._importable_everywhere(module)
+        with ray_pool(module.Model, {"scale": 3}) as pool:
+            results = [r.ret_val for r in pool.map(range(10))]
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop(name, None)
+    assert [value for value, _ in results] == [x * 3 + 1000 for x in range(10)]
+    assert os.getpid() not in {pid for _, pid in results}
+
+
+def test_only_code_outside_the_installation_is_shipped_by_value() -> None:
+    assert ray_backend._importable_everywhere(json)
+    assert ray_backend._importable_everywhere(ray_backend)
+    assert not ray_backend._importable_everywhere(sys.modules[__name__])
+
+
+def test_package_import_does_not_import_ray() -> None:
+    code = "import sys, py_stateful_map; assert 'ray' not in sys.modules, 'ray imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# -- exceptions ---------------------------------------------------------------------------------
+
+
+def test_immediate_raises_worker_exception_with_remote_traceback() -> None:
+    with ray_pool(raise_on_multiple_of_three) as pool:
+        with pytest.raises(ItemFailedError) as info:
+            list(pool.map([1, 2, 3, 4, 5]))
+        assert [r.ret_val for r in pool.map([1, 2])] == [10, 20]  # the pool goes on
+    assert type(info.value) is ItemFailedError
+    assert info.value.args == ("bad item", 3)
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "raise_on_multiple_of_three" in info.value.__cause__.tb_text
+
+
+def test_deferred_returns_every_item_with_exceptions_in_place() -> None:
+    with ray_pool(raise_on_multiple_of_three, exception_behavior=DEFERRED) as pool:
+        results = list(pool.map(range(20)))
+    assert [r.obj_id for r in results] == list(range(20))
+    for r in results:
+        if r.obj_id % 3 == 0:
+            assert type(r.exception_obj) is ItemFailedError
+            assert r.exception_obj.args == ("bad item", r.obj_id)
+            assert "raise_on_multiple_of_three" in str(r.exception_obj.__cause__)
+        else:
+            assert r.exception_obj is None and r.ret_val == r.obj_id * 10
+
+
+def test_immediate_raises_without_waiting_for_running_items() -> None:
+    with pytest.raises(ItemFailedError) as info:
+        with ray_pool(long_item_zero_fast_failure, chunk_size=1) as pool:
+            started = time.monotonic()
+            try:
+                list(pool.map([0, 1]))
+            finally:
+                elapsed = time.monotonic() - started
+    assert info.value.args == ("fast failure", 1)
+    assert elapsed < 2.5, f"IMMEDIATE waited {elapsed:.2f}s for the running item"
+
+
+def test_immediate_wait_others_raises_after_running_items_finish(tmp_path: Path) -> None:
+    slow = 1.0
+    with ray_pool(
+        TouchingWorker,
+        {"marker_dir": str(tmp_path), "slow_seconds": slow},
+        exception_behavior=ExceptionBehavior.IMMEDIATE_WAIT_OTHERS,
+    ) as pool:
+        started = time.monotonic()
+        with pytest.raises(ItemFailedError) as info:
+            list(pool.map(range(40)))
+        elapsed = time.monotonic() - started
+        started_items = {int(p.name.split("-")[1]) for p in tmp_path.glob("started-*")}
+    assert info.value.args == ("fails after start", 1)
+    assert elapsed >= slow, f"raised after {elapsed:.2f}s, before the running item finished"
+    assert {0, 1} <= started_items
+    assert len(started_items) < 20, f"kept starting items after the failure: {started_items}"
+
+
+def test_init_error_raises_worker_init_error_naming_the_worker() -> None:
+    with pytest.raises(WorkerInitError) as info:
+        ray_pool(
+            FailsToBuild, {"fail_index": 1}, worker_kwarg_dict_arr=[{"index": i} for i in (0, 1)]
+        )
+    error = info.value
+    assert error.worker_index == 1
+    assert "cannot load the model" in str(error)
+    original = error.__cause__
+    assert type(original) is RuntimeError
+    assert original.args == ("cannot load the model", 1)
+    assert isinstance(original.__cause__, RemoteTraceback)
+    assert "__init__" in original.__cause__.tb_text
+
+
+# -- faults -------------------------------------------------------------------------------------
+
+
+def test_sigkilled_actor_is_restarted_and_no_item_is_lost_or_repeated(tmp_path: Path) -> None:
+    with ray_pool(Identity, {"marker_dir": str(tmp_path), "delay": 0.02}, chunk_size=1) as pool:
+        victim = pool.stats().workers[0]["pid"]
+        results = []
+        for r in pool.map(range(60)):
+            results.append(r)
+            if len(results) == 10:
+                os.kill(victim, signal.SIGKILL)
+        stats = pool.stats()
+    assert [r.obj_id for r in results] == list(range(60))
+    assert all(r.exception_obj is None and r.ret_val[2] == r.obj_id for r in results)
+    assert stats.restarts >= 1
+    pids_after = {r.ret_val[0] for r in results[20:]}
+    assert victim not in pids_after
+    assert len(list(tmp_path.glob("built-*"))) >= 3  # the replacement was built too
+
+
+def test_item_that_kills_its_actor_is_reported_with_worker_died_error() -> None:
+    items = ["a", "kill", "b", "c"]
+    with ray_pool(Faulty, exception_behavior=DEFERRED, max_retries=1) as pool:
+        results = list(pool.map(items))
+        assert [r.ret_val for r in pool.map(["d", "e"])] == ["d", "e"]  # restarted actors
+    assert [r.obj_id for r in results] == [0, 1, 2, 3]
+    assert [r.ret_val for r in results if r.obj_id != 1] == ["a", "b", "c"]
+    error = results[1].exception_obj
+    assert isinstance(error, WorkerDiedError)
+    assert error.obj_id == 1
+    assert "item 1 killed its worker 2 time(s)" in str(error)
+    assert isinstance(error.__cause__, RemoteTraceback)  # Ray's account of the death
+
+
+def test_task_timeout_kills_the_stuck_actor() -> None:
+    with ray_pool(Faulty, exception_behavior=DEFERRED, task_timeout=1.0) as pool:
+        started = time.monotonic()
+        results = list(pool.map(["a", "hang", "b"]))
+        elapsed = time.monotonic() - started
+    assert [r.ret_val for r in results if r.obj_id != 1] == ["a", "b"]
+    assert isinstance(results[1].exception_obj, TaskTimeoutError)
+    assert elapsed < 20
+
+
+def test_recycled_actors_are_replaced(tmp_path: Path) -> None:
+    with ray_pool(Identity, {"marker_dir": str(tmp_path)}, max_tasks_per_worker=10) as pool:
+        results = list(pool.map(range(40)))
+    assert [r.ret_val[2] for r in results] == list(range(40))
+    assert len({r.ret_val[1] for r in results}) >= 4
+
+
+# -- batching and devices -----------------------------------------------------------------------
+
+
+def test_batch_size_hands_lists_and_returns_per_item() -> None:
+    with ray_pool(BatchEcho, {"device": "cpu"}, batch_size=4) as pool:
+        results = list(pool.map(range(22)))
+    assert [r.ret_val[1] for r in results] == list(range(22))
+    assert all(1 <= r.ret_val[2] <= 4 for r in results)
+    assert any(r.ret_val[2] == 4 for r in results)
+
+
+def test_device_pool_on_cpu_runs_on_ray() -> None:
+    with DevicePool(BatchEcho, devices="cpu", batch_size=3, backend="ray") as pool:
+        assert pool.backend_name == "ray"
+        results = list(pool.map(range(10)))
+    assert [r.ret_val[:2] for r in results] == [("cpu", i) for i in range(10)]
+
+
+# -- connecting ---------------------------------------------------------------------------------
+
+LOCAL_DRIVER = """
+import json, time
+import psutil
+from py_stateful_map import StateFullWorkerPool
+
+
+def endpoints():
+    found = set()
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            connections = process.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        for c in connections:
+            found.update([c.laddr.ip, *([c.raddr.ip] if c.raddr else [])])
+    return sorted(found)
+
+
+first = StateFullWorkerPool(1, abs, backend="ray")  # starts a local Ray
+with StateFullWorkerPool(1, abs, backend="ray") as second:  # shares it
+    first.close()
+    import ray
+
+    still_up = ray.is_initialized()
+    values = [r.ret_val for r in second.map([-1, -2])]
+    seen = endpoints()
+deadline = time.monotonic() + 10
+while psutil.Process().children(recursive=True) and time.monotonic() < deadline:
+    time.sleep(0.1)
+left = [p.pid for p in psutil.Process().children(recursive=True)]
+print(json.dumps({"still_up": still_up, "after": ray.is_initialized(), "values": values,
+                  "endpoints": seen, "left": left}))
+"""
+
+
+def test_backend_starts_a_loopback_ray_and_shuts_it_down_after_the_last_pool() -> None:
+    pytest.importorskip("psutil")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"  # the backend sets the loopback and auth defaults
+    driver = subprocess.run(
+        [sys.executable, "-c", LOCAL_DRIVER],
+        check=False, env=env, cwd=str(REPO), timeout=150, capture_output=True, text=True,
+    )  # fmt: skip
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    report = json.loads(driver.stdout.strip().splitlines()[-1])
+    assert report["values"] == [1, 2]
+    assert report["still_up"] is True, "closing one pool shut down Ray under another"
+    assert report["after"] is False, "the last pool left the Ray it started running"
+    assert report["left"] == [], "Ray processes outlived ray.shutdown()"
+    outside = [ip for ip in report["endpoints"] if not _is_loopback_ip(ip)]
+    assert report["endpoints"] and not outside, report["endpoints"]
+
+
+# -- connecting by address ----------------------------------------------------------------------
+
+DRIVER = """
+import json, os, sys
+import psutil
+from py_stateful_map import StateFullWorkerPool
+
+address, temp_dir = sys.argv[1:3]
+
+
+def pid_and_square(x):  # defined in __main__: shipped by value
+    return os.getpid(), x * x
+
+
+def head_processes():
+    roots = [p for p in psutil.process_iter(["cmdline"])
+             if any(temp_dir in arg for arg in p.info["cmdline"] or ())]
+    return {q for p in roots for q in [p, *p.children(recursive=True)]}
+
+
+with StateFullWorkerPool(2, pid_and_square, backend="ray", ray_address=address) as pool:
+    results = [r.ret_val for r in pool.map(range(20))]
+    endpoints = set()
+    head = head_processes()
+    for process in head | {psutil.Process()}:
+        try:
+            connections = process.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        for c in connections:
+            endpoints.add(c.laddr.ip)
+            if c.raddr:
+                endpoints.add(c.raddr.ip)
+report = {"results": results, "endpoints": sorted(endpoints), "head": len(head)}
+print(json.dumps({**report, "pid": os.getpid()}))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _head_processes(temp_dir: str) -> set[Any]:
+    import psutil
+
+    roots = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in arg for arg in process.info["cmdline"] or ()):
+            roots.append(process)
+    found = set(roots)
+    for root in roots:
+        try:
+            found.update(root.children(recursive=True))
+        except psutil.Error:
+            pass
+    return found
+
+
+def _end_head(temp_dir: str) -> None:
+    """End the processes of the head in ``temp_dir``, by pid, until none is left."""
+    import psutil
+
+    deadline = time.monotonic() + 20
+    while (processes := _head_processes(temp_dir)) and time.monotonic() < deadline:
+        for process in processes:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(list(processes), timeout=3)
+    assert not _head_processes(temp_dir), "the test head's processes outlived the test"
+
+
+def _is_loopback_ip(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%", maxsplit=1)[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def test_connects_by_address_to_a_loopback_head_and_stays_on_loopback() -> None:
+    pytest.importorskip("psutil")
+    ray_cli = Path(sys.executable).with_name("ray")
+    if not ray_cli.exists():
+        pytest.skip("the ray command is not installed next to this Python")
+    temp_dir = tempfile.mkdtemp(prefix="psm-head-", dir="/tmp")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0"
+    )
+    try:
+        subprocess.run(
+            [
+                str(ray_cli), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp_dir}",
+                "--disable-usage-stats",
+            ],
+            env=env, check=True, timeout=120, capture_output=True,
+        )  # fmt: skip
+        driver = subprocess.run(
+            [sys.executable, "-c", DRIVER, f"127.0.0.1:{port}", temp_dir],
+            check=False, env=env, cwd=str(REPO), timeout=120, capture_output=True, text=True,
+        )  # fmt: skip
+        assert driver.returncode == 0, driver.stderr[-3000:]
+        report = json.loads(driver.stdout.strip().splitlines()[-1])
+    finally:
+        _end_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert [square for _, square in report["results"]] == [x * x for x in range(20)]
+    assert report["pid"] not in {pid for pid, _ in report["results"]}
+    assert report["head"] >= 3, "the head's processes were not found"
+    assert report["endpoints"], "no Ray connection was seen"
+    outside = [ip for ip in report["endpoints"] if not _is_loopback_ip(ip)]
+    assert not outside, f"Ray used addresses beyond loopback: {outside}"
