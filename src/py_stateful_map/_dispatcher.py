@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._fault_reports import died_error, init_death_error, init_error, init_timeout_error
 from ._protocol import (
     ChunkDone,
     ChunkUnreadable,
@@ -39,11 +40,8 @@ from ._worker_stats import WorkerSlot
 from .backends.base import Backend
 from .errors import (
     PoolBrokenError,
-    RemoteTraceback,
     SerializationError,
     TaskTimeoutError,
-    WorkerDiedError,
-    WorkerInitError,
     describe_exit,
 )
 
@@ -135,9 +133,9 @@ class Dispatcher:
                         message.init_seconds,
                     )
                 elif isinstance(message, InitFailed):
-                    raise self._init_error(slot, message)
+                    raise init_error(slot, message)
                 elif isinstance(message, WorkerExited):
-                    raise self._init_death_error(slot, message)
+                    raise init_death_error(slot, message)
             self._check_init_deadlines(fail=True)
 
     def _start(self, slot: WorkerSlot) -> None:
@@ -249,7 +247,7 @@ class Dispatcher:
             )
         elif isinstance(message, InitFailed):
             self.broken = True  # a restarted worker's constructor failed: it would again
-            raise self._init_error(slot, message)
+            raise init_error(slot, message)
         elif isinstance(message, WorkerExited):
             self._handle_death(slot, message)
 
@@ -323,21 +321,13 @@ class Dispatcher:
         else:
             chunk.attempts += 1
             if chunk.attempts > self.policy.max_retries:
-                self._complete_with_error(chunk, self._died_error(slot, chunk, message))
+                self._complete_with_error(
+                    chunk, died_error(slot, chunk.start, chunk.attempts, message)
+                )
             else:
                 slot.retries += 1
                 logger.warning("re-running item %d (attempt %d)", chunk.start, chunk.attempts + 1)
                 self._retry.appendleft(chunk)
-
-    def _died_error(self, slot: WorkerSlot, chunk: Chunk, message: WorkerExited) -> WorkerDiedError:
-        text = (
-            f"item {chunk.start} killed its worker {chunk.attempts} time(s): worker {slot.index} "
-            f"(pid {message.pid}{slot.device_note}) {describe_exit(message.exitcode)}"
-        )
-        error = WorkerDiedError(text, chunk.start, slot.index, message.pid, message.exitcode)
-        if message.crash_report:
-            error.__cause__ = RemoteTraceback(message.crash_report)
-        return error
 
     def _restart(self, slot: WorkerSlot, was_starting: bool, message: WorkerExited) -> None:
         slot.consecutive_init_deaths = slot.consecutive_init_deaths + 1 if was_starting else 0
@@ -404,36 +394,5 @@ class Dispatcher:
             if deadline is None or now < deadline:
                 continue
             if fail:
-                error = WorkerInitError(
-                    f"worker {slot.index} (pid {slot.pid}{slot.device_note}) did not finish its "
-                    f"constructor within init_timeout={self.policy.init_timeout}s",
-                    slot.index,
-                    slot.pid,
-                )
-                error.__cause__ = TimeoutError(f"init_timeout={self.policy.init_timeout}s")
-                raise error
+                raise init_timeout_error(slot, self.policy.init_timeout)
             self.backend.kill(slot.index)  # its death restarts it, counted against the cap
-
-    def _init_error(self, slot: WorkerSlot, message: InitFailed) -> WorkerInitError:
-        original, tb_text = message.payload
-        if tb_text:
-            original.__cause__ = RemoteTraceback(tb_text)
-        error = WorkerInitError(
-            f"worker {slot.index} (pid {message.pid}{slot.device_note}) failed in its "
-            f"constructor: {type(original).__name__}: {original}",
-            slot.index,
-            message.pid,
-        )
-        error.__cause__ = original
-        return error
-
-    def _init_death_error(self, slot: WorkerSlot, message: WorkerExited) -> WorkerInitError:
-        error = WorkerInitError(
-            f"worker {slot.index} (pid {message.pid}{slot.device_note}) "
-            f"{describe_exit(message.exitcode)} before it was ready",
-            slot.index,
-            message.pid,
-        )
-        if message.crash_report:
-            error.__cause__ = RemoteTraceback(message.crash_report)
-        return error
