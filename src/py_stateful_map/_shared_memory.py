@@ -15,7 +15,11 @@ Nothing leaks (every name is ``psm-<parent pid>-<sender tag>-<n>``):
 
 - the sender unlinks its whole pool when it closes; a receiver's mapping outlives the unlink;
 - the parent unlinks a dead worker's prefix, and its own prefix at shutdown;
-- when the parent dies, each worker's watchdog unlinks the parent's prefix before exiting.
+- when the parent dies, each worker's watchdog unlinks the parent's prefix before exiting;
+- and because a worker stuck in native code cannot run its watchdog, every segment in
+  /dev/shm is also registered with multiprocessing's resource tracker, a separate process
+  that unlinks whatever is still registered once the parent and all workers are gone;
+- a pool starting on the machine sweeps segments whose parent process no longer exists.
 
 ``fallocate`` reserves pages up front: on a full /dev/shm (small in many containers) it fails
 cleanly, where ``ftruncate`` alone would crash the writer with SIGBUS later. The buffer then
@@ -70,8 +74,9 @@ class _Segment:
 class SegmentPool:
     """The sending side: pickles objects, moving large buffers into reusable segments."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, *, loud: bool = True) -> None:
         self.prefix = prefix
+        self._loud = loud
         self._counter = itertools.count()
         self._free: list[_Segment] = []
         self._lent: dict[str, _Segment] = {}
@@ -122,7 +127,7 @@ class SegmentPool:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         except OSError:
-            self._fall_back("cannot create files in /dev/shm")
+            self._fall_back(f"cannot create files in {SHM_DIR}")
             return None
         try:
             os.posix_fallocate(fd, 0, capacity)
@@ -130,22 +135,24 @@ class SegmentPool:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 path.unlink()
-            self._fall_back(f"/dev/shm is full or too small ({exc.strerror})")
+            self._fall_back(f"{SHM_DIR} is full or too small ({exc.strerror})")
             return None
         finally:
             os.close(fd)
+        _track(name)
         return _Segment(name, capacity, mapping)
 
     def _fall_back(self, reason: str) -> None:
         if not self._warned:
             self._warned = True
-            logger.warning("%s: large arrays go through the pipe instead (slower)", reason)
+            # Once per pool: workers log at INFO, so N workers do not repeat the warning.
+            log = logger.warning if self._loud else logger.info
+            log("%s: large arrays go through the pipe instead (slower)", reason)
 
     def close(self) -> None:
         """Unlink every segment; receivers that still map one keep their data."""
         for segment in [*self._free, *self._lent.values()]:
-            with contextlib.suppress(FileNotFoundError):
-                (SHM_DIR / segment.name).unlink()
+            _remove(SHM_DIR / segment.name)
             with contextlib.suppress(BufferError):  # still exported: freed with its arrays
                 segment.mapping.close()
         self._free.clear()
@@ -204,12 +211,32 @@ def unlink_prefix(prefix: str) -> int:
     """Remove every segment whose name starts with ``prefix``; returns how many."""
     if not SHM_DIR.is_dir():
         return 0
-    removed = 0
-    for path in SHM_DIR.glob(f"{prefix}*"):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed += 1
-    return removed
+    return sum(_remove(path) for path in SHM_DIR.glob(f"{prefix}*"))
+
+
+def _tracked() -> bool:
+    """Only /dev/shm files are POSIX shared memory the resource tracker can unlink by name."""
+    return Path("/dev/shm") == SHM_DIR
+
+
+def _track(name: str) -> None:
+    if _tracked():
+        from multiprocessing import resource_tracker
+
+        resource_tracker.register(f"/{name}", "shared_memory")
+
+
+def _remove(path: Path) -> bool:
+    """Unlink a segment this process tree created, and tell the tracker it is gone."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    if _tracked():
+        from multiprocessing import resource_tracker
+
+        resource_tracker.unregister(f"/{path.name}", "shared_memory")
+    return True
 
 
 def sweep_orphans() -> int:

@@ -56,7 +56,8 @@ def worker_process_main(
     crash_log = open(crash_log_path, "w")  # noqa: SIM115, PTH123 - must outlive this frame
     faulthandler.enable(file=crash_log, all_threads=True)
     _watch_parent(conn, parent_pid, death_signal)
-    pool = SegmentPool(f"{prefix_for(parent_pid)}w{os.getpid()}-") if available() else None
+    prefix = f"{prefix_for(parent_pid)}w{os.getpid()}-"
+    pool = SegmentPool(prefix, loud=False) if available() else None
     codec = Codec(pool)
     try:
         runtime = WorkerRuntime(loads(spec_bytes))
