@@ -367,6 +367,7 @@ def test_immediate_wait_others_raises_after_running_items_finish(tmp_path: Path)
         TouchingWorker,
         {"marker_dir": str(tmp_path), "slow_seconds": slow},
         exception_behavior=ExceptionBehavior.IMMEDIATE_WAIT_OTHERS,
+        chunk_size=1,  # items already handed to a worker finish: count them one by one
     ) as pool:
         started = time.monotonic()
         with pytest.raises(ItemFailedError) as info:
