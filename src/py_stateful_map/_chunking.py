@@ -12,6 +12,8 @@ from __future__ import annotations
 #: short enough that ordered results flow and the tail of a map stays balanced.
 TARGET_CHUNK_SECONDS = 0.02
 MAX_CHUNK_ITEMS = 4096
+#: Worker time below which a chunk is not split further at the end of a sized input.
+TAIL_CHUNK_SECONDS = 0.002
 #: Bytes one chunk may carry either way: large items (images, arrays) go a few at a time, so
 #: memory in flight stays bounded and work still spreads over the workers.
 MAX_CHUNK_BYTES = 8 * 1024 * 1024
@@ -51,8 +53,11 @@ class ChunkSizer:
             size = min(size, int(MAX_CHUNK_BYTES / self._bytes_per_item))
         size = max(1, min(size, MAX_CHUNK_ITEMS, self._largest * 8))
         if remaining is not None:
-            # keep the tail balanced: every worker gets a share of what is left
-            size = min(size, max(1, remaining // (2 * self._workers)))
+            # Keep the tail balanced: every worker gets a share of what is left. Only for work
+            # that takes time: shrinking chunks of microsecond items costs round trips, not
+            # balance (a whole chunk of them is over in TAIL_CHUNK_SECONDS).
+            floor = int(TAIL_CHUNK_SECONDS / self._seconds_per_item)
+            size = min(size, max(1, remaining // (2 * self._workers), floor))
         self._largest = max(self._largest, size)
         return size
 

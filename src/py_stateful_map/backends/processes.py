@@ -24,6 +24,7 @@ import select
 import shutil
 import socket
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -61,8 +62,7 @@ class ProcessBackend:
         self._ctx: Any = multiprocessing.get_context(start_method)
         self._start_method = start_method
         if start_method == "forkserver":
-            # Workers fork from a server that already imported us: faster starts.
-            self._ctx.set_forkserver_preload(["py_stateful_map._worker_process"])
+            self._ctx.set_forkserver_preload(_preload_modules(specs))
         try:
             self._spec_bytes = [dumps_by_value(spec) for spec in specs]
         except Exception as exc:
@@ -291,6 +291,25 @@ class ProcessBackend:
             self._segments.close()
         for pid in self._worker_pids:
             unlink_prefix(f"{prefix_for(os.getpid())}w{pid}-")
+
+
+#: Heavy libraries worth importing once in the forkserver rather than once per worker, when
+#: the parent already has them (importing torch does not initialize CUDA).
+_PRELOADABLE = ("numpy", "torch")
+
+
+def _preload_modules(specs: Sequence[WorkerSpec]) -> list[str]:
+    """Modules the forkserver imports before forking workers, so each starts warm.
+
+    Only takes effect when this process starts its forkserver (the first pool); a module
+    that fails to import there is skipped by multiprocessing itself.
+    """
+    modules = ["py_stateful_map._worker_process"]
+    modules += [name for name in _PRELOADABLE if name in sys.modules]
+    module = getattr(specs[0].target, "__module__", None) if specs else None
+    if module and module not in {"__main__", "__mp_main__"} and module in sys.modules:
+        modules.append(module)
+    return modules
 
 
 def process_sentinel(process: BaseProcess | None) -> int | None:
