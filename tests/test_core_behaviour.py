@@ -622,3 +622,33 @@ def test_result_wrapper_fields() -> None:
     failed = WorkerResultWrapper(5, None, ValueError("no"))
     assert (ok.obj_id, ok.ret_val, ok.exception_obj, ok.ok) == (4, "x", None, True)
     assert (failed.obj_id, failed.ret_val, failed.ok) == (5, None, False)
+
+
+def fail_on_three_else_sleep(x: int) -> int:
+    if x == 3:
+        raise ValueError("three")
+    time.sleep(0.005)
+    return x
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ALL)
+def test_immediate_wait_others_on_a_long_input_raises_without_reading_it_all(kind: str) -> None:
+    """Regression: once the failure is known and the running items are done, the map must
+    stop waiting even though most of the input was never read (it used to wait forever)."""
+    pulled: list[int] = []
+
+    def source() -> Iterator[int]:
+        for x in range(1_000_000):
+            pulled.append(x)
+            yield x
+
+    with make_pool(
+        kind, fail_on_three_else_sleep, exception_behavior=ExceptionBehavior.IMMEDIATE_WAIT_OTHERS
+    ) as pool:
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="three"):
+            list(pool.map(source()))
+        assert time.monotonic() - started < 10
+        assert len(pulled) < 100_000
+        assert [r.ret_val for r in pool.map(range(3))] == [0, 1, 2]

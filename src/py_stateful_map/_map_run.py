@@ -91,7 +91,7 @@ class MapRun:
                 self._fill()
             # Wait for workers whenever items are out or more input awaits a worker that is
             # (re)starting: never spin, never wait when nothing can happen.
-            if self._in_progress or not self._input_done:
+            if self._in_progress or not (self._input_done or self._failure is not None):
                 for completion in self._dispatcher.poll(0.0 if ready else None):
                     self._accept(completion)
                 if self._failure is not None:  # wait only for what is on a worker now
