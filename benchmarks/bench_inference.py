@@ -254,6 +254,24 @@ def ray_actor_session(p: dict[str, Any]) -> Iterator[MapFn]:
 
 
 @contextlib.contextmanager
+def ours_ray_session(p: dict[str, Any]) -> Iterator[MapFn]:
+    """Our pool with backend="ray": the same two actors as ActorPool, our scheduling."""
+    from py_stateful_map import ExceptionBehavior, StateFullWorkerPool
+
+    with (
+        _local_ray(),
+        StateFullWorkerPool[Any](
+            NUM_WORKERS,
+            MLPWorker,
+            worker_env_arr=[dict(THREAD_ENV) for _ in range(NUM_WORKERS)],
+            exception_behavior=ExceptionBehavior.IMMEDIATE,
+            backend="ray",
+        ) as pool,
+    ):
+        yield lambda batches: _unwrap(pool.map(batches))
+
+
+@contextlib.contextmanager
 def ray_data_session(p: dict[str, Any]) -> Iterator[MapFn]:
     """Ray Data has no live pool: each map builds a dataset; its actors start per execution."""
     import numpy as np
@@ -303,6 +321,9 @@ CPU_LIBRARIES = [
         peer=False,
     ),
     Library("devpool", "**ours: DevicePool(cpu, 2/device)**", device_pool_session, peer=False),
+    Library(
+        "ours_ray", "ours: StateFullWorkerPool, backend=ray", ours_ray_session, "ray", peer=False
+    ),
     Library("mpire", "mpire WorkerPool.imap (worker_state)", mpire_session, "mpire"),
     Library("mp", "multiprocessing.Pool(initializer).imap", mp_session),
     Library("ray_actor", "Ray ActorPool.map (2 actors)", ray_actor_session, "ray"),

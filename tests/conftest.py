@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
+import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +17,41 @@ import pytest
 
 #: Backends every behaviour test runs against (the inline one has a single worker).
 LOCAL_BACKENDS = ["processes", "threads"]
+#: ["ray"] where Ray is installed: the contract suites run against it too.
+RAY_BACKEND = ["ray"] if importlib.util.find_spec("ray") is not None else []
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    """A local Ray instance (2 CPUs, 127.0.0.1 only) for one test module, then shut down.
+
+    The pool finds Ray initialized and leaves it running between tests; starting Ray takes
+    seconds, so one instance serves every Ray-parametrized test of a module.
+    """
+    for name, value in (
+        ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),  # read at import: stay on 127.0.0.1
+        ("RAY_AUTH_MODE", "disabled"),
+        ("RAY_USAGE_STATS_ENABLED", "0"),
+    ):
+        os.environ.setdefault(name, value)
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield
+        return
+    temp_dir = tempfile.mkdtemp(prefix="psm-ray-", dir="/tmp")  # short: socket path limits
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _infrastructure_pids() -> set[int]:

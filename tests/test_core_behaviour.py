@@ -38,12 +38,12 @@ from py_stateful_map import (
     WorkerResultWrapper,
 )
 
-from .conftest import LOCAL_BACKENDS
+from .conftest import LOCAL_BACKENDS, RAY_BACKEND
 
 #: Backends that have real concurrency (the inline worker runs items one by one on demand).
 CONCURRENT = list(LOCAL_BACKENDS)
-#: Every local backend, plus the inline one.
-ALL = [*LOCAL_BACKENDS, "inline"]
+#: Every local backend, the inline one, and Ray when it is installed (same contract).
+ALL = [*LOCAL_BACKENDS, "inline", *RAY_BACKEND]
 #: Like ALL, with "processes" split by start method where pickling by reference matters.
 BY_START_METHOD = [
     kind
@@ -55,6 +55,14 @@ BY_START_METHOD = [
 PROCESS_KINDS = ["processes-spawn", "processes-forkserver"]
 
 NUM_WORKERS = 2
+
+
+@pytest.fixture(autouse=True)
+def _ray_for_ray_kinds(request: pytest.FixtureRequest) -> None:
+    """Ray-parametrized tests share one local Ray instance for the module."""
+    params = getattr(request.node, "callspec", None)
+    if params is not None and params.params.get("kind") == "ray":
+        request.getfixturevalue("ray_cluster")
 
 
 def make_pool(

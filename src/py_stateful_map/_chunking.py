@@ -12,6 +12,8 @@ from __future__ import annotations
 #: short enough that ordered results flow and the tail of a map stays balanced.
 TARGET_CHUNK_SECONDS = 0.02
 MAX_CHUNK_ITEMS = 4096
+#: Ray pays about a millisecond per remote call, so tiny items need bigger chunks there.
+MAX_CHUNK_ITEMS_RAY = 32768
 #: Worker time below which a chunk is not split further at the end of a sized input.
 TAIL_CHUNK_SECONDS = 0.002
 #: Bytes one chunk may carry either way: large items (images, arrays) go a few at a time, so
@@ -22,9 +24,12 @@ MAX_CHUNK_BYTES = 8 * 1024 * 1024
 class ChunkSizer:
     """Chooses each chunk's size from measured per-item worker time (or a fixed size)."""
 
-    def __init__(self, num_workers: int, fixed: int | None = None) -> None:
+    def __init__(
+        self, num_workers: int, fixed: int | None = None, max_items: int = MAX_CHUNK_ITEMS
+    ) -> None:
         self._workers = max(1, num_workers)
         self._fixed = fixed
+        self._max_items = max_items
         self._seconds_per_item: float | None = None
         self._bytes_per_item = 0.0
         self._largest = 1
@@ -51,7 +56,7 @@ class ChunkSizer:
         size = int(TARGET_CHUNK_SECONDS / self._seconds_per_item)
         if self._bytes_per_item:
             size = min(size, int(MAX_CHUNK_BYTES / self._bytes_per_item))
-        size = max(1, min(size, MAX_CHUNK_ITEMS, self._largest * 8))
+        size = max(1, min(size, self._max_items, self._largest * 8))
         if remaining is not None:
             # Keep the tail balanced: every worker gets a share of what is left. Only for work
             # that takes time: shrinking chunks of microsecond items costs round trips, not
