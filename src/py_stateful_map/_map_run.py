@@ -109,8 +109,12 @@ class MapRun:
 
     def _fill(self) -> None:
         dispatcher = self._dispatcher
-        dispatcher.submit_retries()
-        while not self._input_done and not dispatcher.has_retries():
+        while True:
+            # Re-runs first (a chunk split by a death or a pickling error lands there, even
+            # from the submit just below), then new input while workers and window have room.
+            dispatcher.submit_retries()
+            if self._input_done or dispatcher.has_retries():
+                return
             slot = dispatcher.free_slot()
             room = self._sizer.window_items - (self._next_read - self._released)
             if slot is None or room <= 0:
