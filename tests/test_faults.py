@@ -13,9 +13,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from collections import Counter
@@ -41,10 +38,10 @@ from py_stateful_map import (
 
 from . import faults as F
 from .conftest import LOCAL_BACKENDS
+from .scripts import read_line_starting, start_script
 
 pytestmark = pytest.mark.timeout(60)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: Bound on any single small map in this module. Generous: the machine has 2 cores and is
 #: shared; a hang is what we guard against, not a slow run.
@@ -608,42 +605,6 @@ def main():
 if __name__ == "__main__":
     main()
 """
-
-
-def start_script(tmp_path: Path, source: str, *args: str) -> subprocess.Popen[str]:
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(source))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "src")])}
-    return subprocess.Popen(
-        [sys.executable, str(script), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=str(tmp_path),
-    )
-
-
-def read_line_starting(proc: subprocess.Popen[str], prefix: str, timeout: float) -> str:
-    """Read stdout lines until one starts with ``prefix``; fail (with stderr) on timeout/EOF."""
-    assert proc.stdout is not None
-    found: list[str] = []
-
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith(prefix):
-                found.append(line.strip())
-                return
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not found:
-        proc.kill()
-        _, err = proc.communicate(timeout=10)
-        pytest.fail(f"script never printed {prefix!r}; stderr:\n{err}")
-    return found[0]
 
 
 def alive(pid: int) -> bool:

@@ -58,25 +58,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray() -> Iterator[None]:
-    """A local Ray instance with two CPUs, on 127.0.0.1, in its own temp dir."""
-    if ray.is_initialized():  # started by another module: use it as is
-        yield
-        return
-    temp_dir = tempfile.mkdtemp(prefix="psm-ray-", dir="/tmp")  # short: socket paths
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=temp_dir,
-        log_to_driver=False,
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def local_ray(ray_cluster: None) -> None:
+    """Every test here runs on the module's local Ray instance (see conftest.ray_cluster)."""
 
 
 def ray_pool(target: Any, shared_kwarg_dict: dict[str, Any] | None = None, **options: Any) -> Any:

@@ -17,9 +17,6 @@ import os
 import pickle
 import signal
 import subprocess
-import sys
-import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,8 +30,8 @@ from py_stateful_map import ExceptionBehavior, StateFullWorkerPool, WorkerDiedEr
 from py_stateful_map import _shared_memory as shm
 
 from .conftest import LOCAL_BACKENDS
+from .scripts import read_line_starting, start_script
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SHM_DIR = Path("/dev/shm")
 LARGE = (1000, 1000)  # >= 1 MB for every dtype below: through shared memory
 NUMPY_DTYPES = ["float64", "float32", "int8", "uint16", "bool", "complex64"]
@@ -431,41 +428,6 @@ def main():
 if __name__ == "__main__":
     main()
 """
-
-
-def start_script(tmp_path: Path, source: str, *args: str, env: dict[str, str] | None = None):
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(source))
-    pythonpath = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "src")])
-    return subprocess.Popen(
-        [sys.executable, str(script), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})},
-        cwd=str(tmp_path),
-    )
-
-
-def read_line_starting(proc: subprocess.Popen[str], prefix: str, timeout: float) -> str:
-    assert proc.stdout is not None
-    found: list[str] = []
-
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith(prefix):
-                found.append(line.strip())
-                return
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not found:
-        proc.kill()
-        _, err = proc.communicate(timeout=10)
-        pytest.fail(f"script never printed {prefix!r}; stderr:\n{err}")
-    return found[0]
 
 
 def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
