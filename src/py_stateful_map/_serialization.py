@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import struct
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ._protocol import ChunkDone, FromWorker, InitFailed, ResultUnreadable
@@ -142,3 +143,16 @@ def decode_from_worker(codec: Codec, frame: bytes) -> FromWorker:
             error = SerializationError(f"the constructor's exception cannot be unpickled: {reason}")
             return InitFailed(header.pid, payload=(error, ""))
         raise
+
+
+def pickle_specs(
+    specs: Sequence[Any], dump: Callable[[Any], bytes], destination: str, hint: str = ""
+) -> list[bytes]:
+    """Pickle each worker's spec once, up front: a failure names the worker, not a pipe."""
+    try:
+        return [dump(spec) for spec in specs]
+    except Exception as exc:
+        raise SerializationError(
+            f"the worker {specs[0].target!r} or its init kwargs cannot be pickled to send to "
+            f"{destination}: {exc}{hint}"
+        ) from exc

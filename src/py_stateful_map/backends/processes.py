@@ -40,7 +40,7 @@ from .._protocol import (
     ToWorker,
     WorkerExited,
 )
-from .._serialization import Codec, decode_from_worker, dumps_by_value
+from .._serialization import Codec, decode_from_worker, dumps_by_value, pickle_specs
 from .._shared_memory import SegmentPool, available, prefix_for, sweep_orphans, unlink_prefix
 from .._worker_process import worker_process_main
 from .._worker_runtime import WorkerSpec
@@ -63,13 +63,8 @@ class ProcessBackend:
         self._start_method = start_method
         if start_method == "forkserver":
             self._ctx.set_forkserver_preload(_preload_modules(specs))
-        try:
-            self._spec_bytes = [dumps_by_value(spec) for spec in specs]
-        except Exception as exc:
-            raise SerializationError(
-                f"the worker {specs[0].target!r} or its init kwargs cannot be pickled to send "
-                f"to a worker process: {exc}; install cloudpickle, or use backend='threads'"
-            ) from exc
+        hint = "; install cloudpickle, or use backend='threads'"
+        self._spec_bytes = pickle_specs(specs, dumps_by_value, "a worker process", hint)
         self._envs = list(envs)
         count = len(specs)
         self._processes: list[BaseProcess | None] = [None] * count

@@ -56,7 +56,7 @@ from types import ModuleType
 from typing import Any
 
 from .._protocol import InitFailed, Ready, RunChunk, ToWorker, WorkerExited
-from .._serialization import Codec, decode_from_worker, dumps_by_value, loads
+from .._serialization import Codec, decode_from_worker, dumps_by_value, loads, pickle_specs
 from .._worker_process import make_sendable, run_encoded_chunk
 from .._worker_runtime import WorkerRuntime, WorkerSpec, format_exception_text
 from ..errors import SerializationError
@@ -184,13 +184,7 @@ class RayBackend:
         address: str | None = None,
     ) -> None:
         _check_actor_options(actor_options)
-        try:
-            self._spec_bytes = [_dumps_spec(spec) for spec in specs]
-        except Exception as exc:
-            raise SerializationError(
-                f"the worker {specs[0].target!r} or its init kwargs cannot be pickled to send "
-                f"to a Ray actor: {exc}"
-            ) from exc
+        self._spec_bytes = pickle_specs(specs, _dumps_spec, "a Ray actor")
         self._ray, self._owns_session = _session.acquire(address)
         self._codec = Codec()
         self._released = False
