@@ -120,7 +120,7 @@ class DevicePool(StateFullWorkerPool[T]):
         a list means one GPU per entry; each GPU actor asks for ``1 / workers_per_device``
         GPU and is given ``device="cuda:0"``, the only GPU it sees.
         """
-        from .backends.ray import cluster_gpus
+        from .backends._ray_session import cluster_gpus
 
         with cluster_gpus(pool_options.get("ray_address")) as available:
             gpus = _ray_gpu_request(devices, available)
