@@ -27,7 +27,7 @@ from py_stateful_map import _device_discovery as dd
 from py_stateful_map._device_discovery import PhysicalGpu, probe_physical_gpus
 from py_stateful_map.collate import stack_torch
 
-from .conftest import LOCAL_BACKENDS
+from .conftest import LOCAL_BACKENDS, RAY_BACKEND
 from .device_workers import (
     AcceleratorKwargWorker,
     BatchEcho,
@@ -231,11 +231,23 @@ def test_auto_on_a_machine_without_gpus_is_the_cpu() -> None:
 
 # -- batching -------------------------------------------------------------------------------
 
+#: Batching is the same contract on every backend, Ray included.
+BATCH_BACKENDS = [*LOCAL_BACKENDS, *RAY_BACKEND]
+
+
+@pytest.fixture(autouse=True)
+def _ray_for_ray_backend(request: pytest.FixtureRequest) -> None:
+    """Ray-parametrized tests share one local Ray instance for the module."""
+    params = getattr(request.node, "callspec", None)
+    if params is not None and params.params.get("backend") == "ray":
+        request.getfixturevalue("ray_cluster")
+
+
 BATCH = 8
 ITEMS = 45
 
 
-@pytest.mark.parametrize("backend", LOCAL_BACKENDS)
+@pytest.mark.parametrize("backend", BATCH_BACKENDS)
 def test_batched_results_come_back_per_item_in_order(backend: str) -> None:
     with DevicePool(
         BatchEcho, devices="cpu", workers_per_device=2, batch_size=BATCH, backend=backend
@@ -249,7 +261,7 @@ def test_batched_results_come_back_per_item_in_order(backend: str) -> None:
     assert max(sizes) == BATCH  # the worker really was handed batches, never more than asked
 
 
-@pytest.mark.parametrize("backend", LOCAL_BACKENDS)
+@pytest.mark.parametrize("backend", BATCH_BACKENDS)
 def test_batched_unordered_returns_every_item_once(backend: str) -> None:
     with DevicePool(
         BatchEcho, devices="cpu", workers_per_device=2, batch_size=BATCH, backend=backend
@@ -279,7 +291,7 @@ def test_pool_is_reused_across_batched_maps() -> None:
         assert pool.stats().items_done == 18
 
 
-@pytest.mark.parametrize("backend", LOCAL_BACKENDS)
+@pytest.mark.parametrize("backend", BATCH_BACKENDS)
 def test_item_error_in_a_batch_fails_only_that_item(backend: str) -> None:
     with DevicePool(
         PickyBatch,
@@ -321,7 +333,7 @@ def test_collated_tensor_batch_is_split_per_item() -> None:
 
 @pytest.mark.parametrize(
     ("backend", "error"),
-    [("processes", "message"), ("threads", "torch")],
+    [("processes", "message"), ("threads", "torch"), *[(b, "message") for b in RAY_BACKEND]],
 )
 def test_out_of_memory_halves_the_batch_until_it_fits(backend: str, error: str) -> None:
     if error == "torch":
