@@ -63,10 +63,11 @@ class Chunk:
     start: int
     items: list[Any]
     attempts: int = 0  # deaths of a worker while running this chunk *alone*
+    alone: bool = False  # must run on a worker holding nothing else (blame must be certain)
 
-    def split(self, next_id: Any) -> list[Chunk]:
+    def split(self, next_id: Any, *, alone: bool = False) -> list[Chunk]:
         return [
-            Chunk(next_id(), self.run_id, self.start + offset, [item], self.attempts)
+            Chunk(next_id(), self.run_id, self.start + offset, [item], self.attempts, alone)
             for offset, item in enumerate(self.items)
         ]
 
@@ -149,12 +150,17 @@ class Dispatcher:
         self._next_chunk_id += 1
         return self._next_chunk_id
 
-    def free_slot(self) -> WorkerSlot | None:
-        """The ready worker with the fewest chunks in hand, if any can take one more."""
+    def free_slot(self, *, alone: bool = False) -> WorkerSlot | None:
+        """The ready worker with the fewest chunks in hand, if any can take one more.
+
+        A chunk that must run ``alone`` needs a worker with nothing in hand, and a worker
+        running such a chunk takes nothing else until it answers.
+        """
         best: WorkerSlot | None = None
         for slot in self.slots:
             if (
-                slot.accepts(PREFETCH_CHUNKS)
+                slot.accepts(1 if alone else PREFETCH_CHUNKS)
+                and not any(chunk.alone for chunk in slot.in_flight)
                 and self.budget(slot) != 0
                 and (best is None or len(slot.in_flight) < len(best.in_flight))
             ):
@@ -193,7 +199,7 @@ class Dispatcher:
     def submit_retries(self) -> None:
         """Re-run chunks of dead workers first, before any new input is read."""
         while self._retry:
-            slot = self.free_slot()
+            slot = self.free_slot(alone=self._retry[0].alone)
             if slot is None:
                 return
             self.submit(slot, self._retry.popleft())
@@ -297,9 +303,22 @@ class Dispatcher:
             cause,
             f"; holding items from {held[0].start}" if held else "",
         )
-        if held:
+        if len(held) == 1 or (held and self.backend.answers_in_order):
+            # The oldest chunk in hand is the one that was running: its answer would have
+            # been delivered before the worker read the next one.
             self._settle_running_chunk(slot, held[0], message, timed_out)
             self._retry.extendleft(reversed([c for c in held[1:] if c.run_id == self.run_id]))
+        elif held:
+            # Which chunk was running is unknown (Ray may lose a finished answer with its
+            # actor): re-run every item, each alone on a worker, so the next death is certain.
+            singles = [
+                single
+                for chunk in held
+                if chunk.run_id == self.run_id
+                for single in chunk.split(self.new_chunk_id, alone=True)
+            ]
+            slot.retries += len(singles)
+            self._retry.extendleft(reversed(singles))
         self._restart(slot, was_starting, message)
 
     def _settle_running_chunk(

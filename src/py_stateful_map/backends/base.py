@@ -19,6 +19,9 @@ class Backend(Protocol):
 
     #: Whether a stuck worker can be killed (processes yes, threads no).
     can_kill: bool
+    #: Whether a worker's answer to a chunk is always delivered before it reads the next one,
+    #: so that at its death the oldest chunk in hand is the one that was running.
+    answers_in_order: bool
 
     def start_worker(self, index: int) -> None:
         """Start (or restart) worker ``index``; it answers with Ready or InitFailed."""

@@ -18,6 +18,7 @@ class InlineBackend:
     """Run the one worker in the caller's thread."""
 
     can_kill = False
+    answers_in_order = True
 
     def __init__(self, spec: WorkerSpec) -> None:
         self._runtime = WorkerRuntime(spec)

@@ -55,6 +55,7 @@ class ProcessBackend:
     """Run each worker in its own process started with ``start_method``."""
 
     can_kill = True
+    answers_in_order = True
 
     def __init__(
         self, specs: Sequence[WorkerSpec], envs: Sequence[dict[str, str]], start_method: str

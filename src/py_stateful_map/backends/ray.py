@@ -172,6 +172,7 @@ class RayBackend:
     """Run each worker in a Ray actor (``ray_actor_options[i]`` goes to ``.options()``)."""
 
     can_kill = True
+    answers_in_order = False
 
     def __init__(
         self,

@@ -52,6 +52,7 @@ class ThreadBackend:
     """Run each worker in a daemon thread."""
 
     can_kill = False
+    answers_in_order = True
 
     def __init__(self, specs: Sequence[WorkerSpec]) -> None:
         self._specs = list(specs)
