@@ -660,3 +660,10 @@ def test_immediate_wait_others_on_a_long_input_raises_without_reading_it_all(kin
         assert time.monotonic() - started < 10
         assert len(pulled) < 100_000
         assert [r.ret_val for r in pool.map(range(3))] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("option", ["worker_kwarg_dict_arr", "worker_env_arr", "worker_device_arr"])
+def test_per_worker_lists_must_have_one_entry_per_worker(option: str) -> None:
+    value: list[Any] = [{}] if option != "worker_device_arr" else ["cpu"]
+    with pytest.raises(ValueError, match=f"{option} has 1 .* for 2 worker"):
+        StateFullWorkerPool(2, KwargsEcho, backend="threads", **{option: value})

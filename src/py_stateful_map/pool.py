@@ -140,6 +140,16 @@ class StateFullWorkerPool(Generic[T]):
             )
             for per_worker in (worker_kwarg_dict_arr or [{}] * self._slot_count)
         ]
+        for name, per_worker_list in (
+            ("worker_env_arr", worker_env_arr),
+            ("worker_device_arr", worker_device_arr),
+            ("ray_actor_options", ray_actor_options),
+        ):
+            if per_worker_list is not None and len(per_worker_list) != self._slot_count:
+                raise ValueError(
+                    f"{name} has {len(per_worker_list)} entries for {self._slot_count} "
+                    "worker(s); give exactly one per worker"
+                )
         envs = list(worker_env_arr or [{}] * self._slot_count)
         devices = list(worker_device_arr or [None] * self._slot_count)  # type: ignore[list-item]
         self._ray_address = ray_address
