@@ -28,8 +28,10 @@ import pytest
 
 from py_stateful_map import ExceptionBehavior, StateFullWorkerPool, WorkerDiedError
 from py_stateful_map import _shared_memory as shm
+from py_stateful_map._protocol import RunChunk
+from py_stateful_map._serialization import DETACH_THRESHOLD, Codec
 
-from .conftest import LOCAL_BACKENDS
+from .conftest import LOCAL_BACKENDS, RAY_BACKEND
 from .scripts import read_line_starting, start_script
 
 SHM_DIR = Path("/dev/shm")
@@ -38,6 +40,18 @@ NUMPY_DTYPES = ["float64", "float32", "int8", "uint16", "bool", "complex64"]
 TORCH_DTYPES = ["float32", "int64", "bool", "float16", "bfloat16"]
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="needs a writable /dev/shm")
+
+#: Where a copy crosses a process boundary: /dev/shm (processes), Ray's object store (ray).
+COPYING_BACKENDS = ["processes", *RAY_BACKEND]
+ROUND_TRIP_BACKENDS = [*LOCAL_BACKENDS, *RAY_BACKEND]
+
+
+@pytest.fixture(autouse=True)
+def _ray_for_ray_backend(request: pytest.FixtureRequest) -> None:
+    """Ray-parametrized tests share one local Ray instance for the module."""
+    params = getattr(request.node, "callspec", None)
+    if params is not None and params.params.get("backend") == "ray":
+        request.getfixturevalue("ray_cluster")
 
 
 # -- workers (module level: worker processes import them by name) --------------------------
@@ -190,7 +204,7 @@ def assert_writable_like_numpy(got: np.ndarray, returned: np.ndarray, what: str)
 # -- numpy round trips ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", LOCAL_BACKENDS)
+@pytest.mark.parametrize("backend", ROUND_TRIP_BACKENDS)
 @pytest.mark.parametrize("worker", [identity, times_one], ids=["identity", "times_one"])
 @pytest.mark.parametrize("dtype", NUMPY_DTYPES)
 def test_numpy_arrays_round_trip_bit_exact(
@@ -209,16 +223,23 @@ def test_numpy_arrays_round_trip_bit_exact(
             assert received.flags.f_contiguous, what  # Fortran order is kept
 
 
-@pytest.mark.parametrize("backend", LOCAL_BACKENDS)
+@pytest.mark.parametrize("backend", ROUND_TRIP_BACKENDS)
 def test_buffers_at_the_threshold_round_trip(backend: str) -> None:
-    sizes = [shm.THRESHOLD - 1, shm.THRESHOLD, shm.THRESHOLD + 1, 3 * shm.THRESHOLD + 5]
+    sizes = [
+        *(
+            threshold + delta
+            for threshold in (DETACH_THRESHOLD, shm.THRESHOLD)
+            for delta in (-1, 0, 1)
+        ),
+        3 * shm.THRESHOLD + 5,
+    ]
     sent = [np.arange(size, dtype=np.uint8) for size in sizes]
     for received, array in zip(round_trip(backend, times_one, sent), sent, strict=True):
         assert_same_array(received, array, f"{array.nbytes} bytes")
         assert received.flags.writeable
 
 
-@pytest.mark.parametrize("backend", LOCAL_BACKENDS)
+@pytest.mark.parametrize("backend", ROUND_TRIP_BACKENDS)
 @pytest.mark.parametrize("worker", [identity, times_one], ids=["identity", "times_one"])
 def test_nested_arrays_round_trip(worker: Callable[[Any], Any], backend: str) -> None:
     big = np.arange(1 << 20, dtype=np.float64)
@@ -251,7 +272,7 @@ def test_nested_arrays_round_trip(worker: Callable[[Any], Any], backend: str) ->
             assert received is sent
 
 
-@pytest.mark.parametrize("backend", LOCAL_BACKENDS)
+@pytest.mark.parametrize("backend", ROUND_TRIP_BACKENDS)
 def test_received_arrays_can_be_modified_without_corrupting_other_items(backend: str) -> None:
     sent = [large_array_for(i) for i in range(30)]
     before = segments()
@@ -261,7 +282,7 @@ def test_received_arrays_can_be_modified_without_corrupting_other_items(backend:
             for i, result in enumerate(pool.map(sent)):
                 array = result.ret_val
                 assert (array == i).all(), f"item {i} corrupted"
-                if backend == "processes":
+                if backend in COPYING_BACKENDS:
                     array[...] = -1  # the caller owns what it received
                     if i % 3 == 0:
                         kept.append(array)  # the rest is dropped: its segment is reused
@@ -270,15 +291,48 @@ def test_received_arrays_can_be_modified_without_corrupting_other_items(backend:
     assert segments() == before
 
 
-@pytest.mark.parametrize("backend", LOCAL_BACKENDS)
+@pytest.mark.parametrize("backend", ROUND_TRIP_BACKENDS)
 def test_worker_modifying_its_input_does_not_touch_the_callers_array(backend: str) -> None:
     sent = [np.full(1 << 18, i, dtype=np.float32) for i in range(8)]
     results = round_trip(backend, scribble_then_sum, sent)
     assert results == [float(i) * (1 << 18) for i in range(8)]
-    if backend == "processes":
+    if backend in COPYING_BACKENDS:
         assert all((array == i).all() for i, array in enumerate(sent))
     else:  # threads hand over the very object: the worker's writes are the caller's
         assert all((array == 99).all() for array in sent)
+
+
+# -- detached buffers (the Ray backend's framing) --------------------------------------------
+
+
+def test_detached_encoding_keeps_large_buffers_out_of_the_frame() -> None:
+    big = np.arange(DETACH_THRESHOLD, dtype=np.uint8)
+    small = np.arange(DETACH_THRESHOLD - 1, dtype=np.uint8)
+    codec = Codec()
+    message = RunChunk(chunk_id=3, start=0, payload=[big, small, "text"])
+    frame, buffers, size = codec.encode_detached(message)
+    assert [memoryview(b).nbytes for b in buffers] == [big.nbytes]  # only the large one
+    assert len(frame) < big.nbytes + small.nbytes  # the small one stays in-band
+    assert big.nbytes + small.nbytes <= size <= len(frame) + big.nbytes
+    # The receiver may get read-only views (Ray's object store): it must hand out copies
+    # that are writable and own their memory.
+    read_only = [memoryview(bytes(memoryview(b))) for b in buffers]
+    task, raw, descriptors = codec.decode_header(frame)
+    got = codec.with_payload(task, raw, descriptors, read_only).payload
+    assert got[2] == "text" and task.chunk_id == 3
+    for received, sent in zip(got[:2], (big, small), strict=True):
+        assert_same_array(received, sent, f"{sent.nbytes} bytes")
+        assert received.flags.writeable
+        received[...] = 0
+
+
+def test_detached_encoding_falls_back_to_cloudpickle_in_band() -> None:
+    codec = Codec()
+    message = RunChunk(chunk_id=0, start=0, payload=[lambda x: x + 1])
+    frame, buffers, _ = codec.encode_detached(message)
+    assert buffers == []
+    task, raw, descriptors = codec.decode_header(frame)
+    assert codec.with_payload(task, raw, descriptors, buffers).payload[0](1) == 2
 
 
 # -- torch round trips ---------------------------------------------------------------------
@@ -322,7 +376,7 @@ def assert_same_tensor(got: Any, want: Any, what: str) -> None:
     assert torch.equal(as_bytes[0], as_bytes[1]), what
 
 
-@pytest.mark.parametrize("backend", LOCAL_BACKENDS)
+@pytest.mark.parametrize("backend", ROUND_TRIP_BACKENDS)
 @pytest.mark.parametrize("worker", [identity, times_one], ids=["identity", "times_one"])
 def test_torch_tensors_round_trip_bit_exact(worker: Callable[[Any], Any], backend: str) -> None:
     # every dtype in one map: each pool's workers pay for ``import torch`` once
@@ -406,6 +460,8 @@ import os, sys, time
 import numpy as np
 from py_stateful_map import StateFullWorkerPool
 from py_stateful_map import _shared_memory as shm
+from py_stateful_map._protocol import RunChunk
+from py_stateful_map._serialization import DETACH_THRESHOLD, Codec
 from tests.test_transport import busy_identity, segments
 
 def items():

@@ -8,28 +8,43 @@ worker time, the way an expert hand-tunes ``multiprocessing.Pool.imap(chunksize=
 
 from __future__ import annotations
 
-#: Worker time one chunk should represent: long enough to amortize ~50 µs of messaging,
-#: short enough that ordered results flow and the tail of a map stays balanced.
-TARGET_CHUNK_SECONDS = 0.02
-MAX_CHUNK_ITEMS = 4096
-#: Ray pays about a millisecond per remote call, so tiny items need bigger chunks there.
-MAX_CHUNK_ITEMS_RAY = 32768
-#: Worker time below which a chunk is not split further at the end of a sized input.
-TAIL_CHUNK_SECONDS = 0.002
+from dataclasses import dataclass
+
 #: Bytes one chunk may carry either way: large items (images, arrays) go a few at a time, so
 #: memory in flight stays bounded and work still spreads over the workers.
 MAX_CHUNK_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ChunkPolicy:
+    """How much work one message should carry, given what a message costs on a backend."""
+
+    #: Worker time one chunk should represent: long enough to amortize the per-message cost,
+    #: short enough that ordered results flow and the tail of a map stays balanced.
+    target_seconds: float
+    #: Upper bound on items per chunk, whatever the measured per-item time.
+    max_items: int
+    #: Worker time below which a chunk is not split further at the end of a sized input.
+    tail_seconds: float
+
+
+#: A pipe or a queue: about 50 µs per message.
+LOCAL_POLICY = ChunkPolicy(target_seconds=0.02, max_items=4096, tail_seconds=0.002)
+#: A Ray actor call costs about a millisecond of CPU spread over the driver, the actor's RPC
+#: threads and the object store, and on a busy node that CPU is taken from the workers
+#: themselves: chunks carry ~10x more work (measured: benchmarks/NOTES.md).
+REMOTE_POLICY = ChunkPolicy(target_seconds=0.2, max_items=32768, tail_seconds=0.02)
 
 
 class ChunkSizer:
     """Chooses each chunk's size from measured per-item worker time (or a fixed size)."""
 
     def __init__(
-        self, num_workers: int, fixed: int | None = None, max_items: int = MAX_CHUNK_ITEMS
+        self, num_workers: int, fixed: int | None = None, policy: ChunkPolicy = LOCAL_POLICY
     ) -> None:
         self._workers = max(1, num_workers)
         self._fixed = fixed
-        self._max_items = max_items
+        self._policy = policy
         self._seconds_per_item: float | None = None
         self._bytes_per_item = 0.0
         self._largest = 1
@@ -53,15 +68,16 @@ class ChunkSizer:
             return self._fixed
         if self._seconds_per_item is None:
             return 1  # learn the task's cost before committing many items to one worker
-        size = int(TARGET_CHUNK_SECONDS / self._seconds_per_item)
+        policy = self._policy
+        size = int(policy.target_seconds / self._seconds_per_item)
         if self._bytes_per_item:
             size = min(size, int(MAX_CHUNK_BYTES / self._bytes_per_item))
-        size = max(1, min(size, self._max_items, self._largest * 8))
+        size = max(1, min(size, policy.max_items, self._largest * 8))
         if remaining is not None:
             # Keep the tail balanced: every worker gets a share of what is left. Only for work
             # that takes time: shrinking chunks of microsecond items costs round trips, not
-            # balance (a whole chunk of them is over in TAIL_CHUNK_SECONDS).
-            floor = int(TAIL_CHUNK_SECONDS / self._seconds_per_item)
+            # balance (a whole chunk of them is over in the policy's tail_seconds).
+            floor = int(policy.tail_seconds / self._seconds_per_item)
             size = min(size, max(1, remaining // (2 * self._workers), floor))
         self._largest = max(self._largest, size)
         return size

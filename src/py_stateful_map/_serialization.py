@@ -9,17 +9,20 @@ forkserver workers re-import the main script.
 from __future__ import annotations
 
 import dataclasses
+import io
 import pickle
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ._protocol import ChunkDone, FromWorker, InitFailed, ResultUnreadable
-from ._shared_memory import Descriptor, SegmentPool, SegmentReader
+from ._shared_memory import Descriptor, SegmentPool, SegmentReader, out_of_band_pickler
 from .errors import SerializationError
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _HEADER_SIZE = struct.Struct("<I")
+#: Buffers at least this large leave the pickle as separate buffers (``encode_detached``).
+DETACH_THRESHOLD = 64 * 1024
 
 M = TypeVar("M")
 
@@ -107,6 +110,18 @@ class Codec:
                 pass  # e.g. a lambda: cloudpickle may manage it, in-band
         return dumps(payload), []
 
+    def encode_detached(self, message: Any) -> tuple[bytes, list[pickle.PickleBuffer], int]:
+        """Frame a message, keeping its large buffers out of the frame.
+
+        For a transport that moves buffers well on its own (Ray writes each one into its
+        object store once, where an in-band pickle would be copied twice more): the buffers
+        go next to the frame and ``with_payload(..., detached=...)`` puts them back.
+        """
+        payload_bytes, buffers = _dumps_detached(message.payload)
+        header = pickle.dumps((dataclasses.replace(message, payload=None), [], []), _PROTOCOL)
+        frame = b"".join((_HEADER_SIZE.pack(len(header)), header, payload_bytes))
+        return frame, buffers, len(payload_bytes) + sum(b.raw().nbytes for b in buffers)
+
     def decode_header(self, frame: bytes) -> tuple[Any, memoryview, list[Descriptor]]:
         """The message without payload, its raw payload and descriptors; settles releases."""
         (size,) = _HEADER_SIZE.unpack_from(frame)
@@ -118,21 +133,57 @@ class Codec:
             self.pool.give_back(released)
         return message, view[end:], descriptors
 
-    def with_payload(self, message: M, raw: memoryview, descriptors: list[Descriptor]) -> M:
-        """Attach the unpickled payload; raises whatever unpickling raises."""
+    def with_payload(
+        self,
+        message: M,
+        raw: memoryview,
+        descriptors: list[Descriptor],
+        detached: Sequence[Any] | None = None,
+    ) -> M:
+        """Attach the unpickled payload; raises whatever unpickling raises.
+
+        ``detached`` buffers (from ``encode_detached``) may be read-only views of a store the
+        sender owns: they are copied once, so arrays come out writable and own their memory,
+        as on every other transport.
+        """
         if not raw:
             return message
-        payload = self.reader.loads(raw, descriptors)
+        if detached:
+            payload = pickle.loads(raw, buffers=[bytearray(buffer) for buffer in detached])
+        else:
+            payload = self.reader.loads(raw, descriptors)
         return dataclasses.replace(message, payload=payload)  # type: ignore[type-var]
 
 
-def decode_from_worker(codec: Codec, frame: bytes) -> FromWorker:
+def _dumps_detached(payload: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    if payload is None:
+        return b"", []
+    buffers: list[pickle.PickleBuffer] = []
+
+    def detach(buffer: pickle.PickleBuffer) -> bool:
+        if buffer.raw().nbytes < DETACH_THRESHOLD:
+            return True  # in-band
+        buffers.append(buffer)
+        return False
+
+    stream = io.BytesIO()
+    try:
+        out_of_band_pickler(stream, detach).dump(payload)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return dumps(payload), []  # e.g. a lambda: cloudpickle may manage it, in-band
+    return stream.getvalue(), buffers
+
+
+def decode_from_worker(
+    codec: Codec, frame: bytes, detached: Sequence[Any] | None = None
+) -> FromWorker:
     """Decode a worker's frame; a payload that cannot be unpickled blames its chunk."""
     header, raw_payload, descriptors = codec.decode_header(frame)
     try:
-        message = codec.with_payload(header, raw_payload, descriptors)
+        message = codec.with_payload(header, raw_payload, descriptors, detached)
         if isinstance(message, ChunkDone):
             size = len(raw_payload) + sum(nbytes for _, nbytes in descriptors)
+            size += sum(memoryview(buffer).nbytes for buffer in detached or ())
             message = dataclasses.replace(message, payload_bytes=size)
         return message  # type: ignore[no-any-return]
     except Exception as exc:  # blame the chunk, not the channel

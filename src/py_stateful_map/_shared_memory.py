@@ -100,7 +100,7 @@ class SegmentPool:
 
         stream = io.BytesIO()
         try:
-            _pickler(stream, place).dump(obj)
+            out_of_band_pickler(stream, place).dump(obj)
         except BaseException:
             self.give_back(name for name, _ in descriptors)
             raise
@@ -271,7 +271,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _pickler(stream: io.BytesIO, place: Callable[[pickle.PickleBuffer], bool]) -> pickle.Pickler:
+def out_of_band_pickler(
+    stream: io.BytesIO, place: Callable[[pickle.PickleBuffer], bool]
+) -> pickle.Pickler:
+    """A protocol-5 pickler that offers every array buffer (torch CPU tensors included) to
+    ``place``, which keeps it in-band by returning True."""
     pickler = pickle.Pickler(stream, _PROTOCOL, buffer_callback=place)
     torch = sys.modules.get("torch")
     if torch is not None:

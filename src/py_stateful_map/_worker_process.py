@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
@@ -139,9 +140,10 @@ def run_encoded_chunk(
     task: RunChunk,
     raw_items: memoryview,
     descriptors: list[Descriptor],
+    detached: Sequence[Any] | None = None,
 ) -> ChunkDone | ChunkUnreadable:
     try:
-        items = codec.with_payload(task, raw_items, descriptors).payload
+        items = codec.with_payload(task, raw_items, descriptors, detached).payload
     except Exception as exc:  # the parent splits the chunk and blames one item
         return ChunkUnreadable(task.chunk_id, payload=f"{type(exc).__name__}: {exc}")
     return runtime.run_chunk(task, items)

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic
 
-from ._chunking import MAX_CHUNK_ITEMS, MAX_CHUNK_ITEMS_RAY, ChunkSizer
+from ._chunking import ChunkSizer
 from ._dispatcher import Dispatcher, FaultPolicy
 from ._map_run import MapResult, MapRun
 from ._progress import ProgressOption, ResultCallback, resolve_progress, with_progress
@@ -214,11 +214,7 @@ class StateFullWorkerPool(Generic[T]):
             length,
             ordered=not is_unordered,
             behavior=self._behavior,
-            sizer=ChunkSizer(
-                self._slot_count,
-                self._chunk_size,
-                MAX_CHUNK_ITEMS_RAY if self.backend_name == "ray" else MAX_CHUNK_ITEMS,
-            ),
+            sizer=ChunkSizer(self._slot_count, self._chunk_size, self._backend.chunk_policy),
         )
         decorate = None
         if self._progress is not None or self._on_result is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from .._chunking import ChunkPolicy
 from .._protocol import FromWorker, ToWorker
 
 #: (worker index, message) — every fact the scheduler learns arrives in this shape.
@@ -22,6 +23,8 @@ class Backend(Protocol):
     #: Whether a worker's answer to a chunk is always delivered before it reads the next one,
     #: so that at its death the oldest chunk in hand is the one that was running.
     answers_in_order: bool
+    #: How much work one chunk should carry, given what a message costs here.
+    chunk_policy: ChunkPolicy
 
     def start_worker(self, index: int) -> None:
         """Start (or restart) worker ``index``; it answers with Ready or InitFailed."""

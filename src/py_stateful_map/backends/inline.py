@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections import deque
 
+from .._chunking import LOCAL_POLICY
 from .._protocol import RunChunk, ToWorker
 from .._worker_runtime import WorkerRuntime, WorkerSpec
 from .base import Event
@@ -19,6 +20,7 @@ class InlineBackend:
 
     can_kill = False
     answers_in_order = True
+    chunk_policy = LOCAL_POLICY
 
     def __init__(self, spec: WorkerSpec) -> None:
         self._runtime = WorkerRuntime(spec)

@@ -35,6 +35,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from .._chunking import LOCAL_POLICY
 from .._protocol import (
     Stop,
     ToWorker,
@@ -56,6 +57,7 @@ class ProcessBackend:
 
     can_kill = True
     answers_in_order = True
+    chunk_policy = LOCAL_POLICY
 
     def __init__(
         self, specs: Sequence[WorkerSpec], envs: Sequence[dict[str, str]], start_method: str

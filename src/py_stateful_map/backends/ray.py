@@ -7,12 +7,14 @@
     start_worker  -> Actor.options(...).remote(env, spec bytes)
                      actor.start.remote()  ---> env, unpickle spec, WorkerRuntime.start()
                      actor.watch.remote()  ---> awaits forever: fails only when the actor dies
-    send          -> actor.run_chunk.remote(seq, RunChunk frame) ---> WorkerRuntime.run_chunk
+    send          -> actor.run_chunk.remote(seq, frame, buffers) ---> WorkerRuntime.run_chunk
     wait          <- ray.wait(start refs + each actor's oldest chunk ref + watch refs)
 
 Frames are the processes backend's: the parent pickles each chunk itself and the actor pickles
-each answer itself, so a value that cannot cross still fails one known item (Ray only moves
-bytes; above ~100 KiB it moves them through its shared-memory object store, on its own).
+each answer itself, so a value that cannot cross still fails one known item. Large buffers
+(numpy arrays, torch CPU tensors of 64 KiB or more) leave the pickle and travel next to the
+frame as pickle-5 buffers, which Ray writes once into its shared-memory object store; the
+receiver copies each out once, so arrays arrive writable, as on the other backends.
 
 *Death.* Every live actor has one ``watch()`` call pending that never returns, so Ray fails
 its reference the moment the actor dies, idle or busy — the counterpart of a process
@@ -53,6 +55,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from .._chunking import REMOTE_POLICY
 from .._protocol import InitFailed, Ready, RunChunk, ToWorker, WorkerExited
 from .._serialization import Codec, decode_from_worker, dumps_by_value, loads, pickle_specs
 from .._worker_process import make_sendable, run_encoded_chunk
@@ -71,6 +74,9 @@ _SETTLE_SECONDS = 10.0
 _CONFIRM_KILL_SECONDS = 10.0
 
 
+#: What an actor answers: a frame and the large buffers that travel next to it.
+Answer = tuple[bytes, list[Any]]
+
 # -- inside the actor ---------------------------------------------------------------------------
 
 
@@ -86,19 +92,19 @@ class _ActorWorker:
         self._next_seq = 0
         self._turn = asyncio.Condition()
 
-    async def start(self) -> bytes:
+    async def start(self) -> Answer:
         """Build the user's state (call number 0); answers a Ready or InitFailed frame."""
         return await self._in_turn(0, self._start)
 
-    async def run_chunk(self, seq: int, frame: bytes) -> bytes:
+    async def run_chunk(self, seq: int, frame: bytes, buffers: list[Any]) -> Answer:
         """Run one RunChunk frame; answers a ChunkDone or ChunkUnreadable frame."""
-        return await self._in_turn(seq, functools.partial(self._run, frame))
+        return await self._in_turn(seq, functools.partial(self._run, frame, buffers))
 
     async def watch(self) -> None:
         """Never returns: its reference fails when the actor dies."""
         await asyncio.Event().wait()
 
-    async def _in_turn(self, seq: int, call: Callable[[], bytes]) -> bytes:
+    async def _in_turn(self, seq: int, call: Callable[[], Answer]) -> Answer:
         async with self._turn:
             await self._turn.wait_for(lambda: self._next_seq == seq)
             # The one-thread executor is first in, first out: queue the next call right away.
@@ -107,7 +113,7 @@ class _ActorWorker:
             self._turn.notify_all()
         return await done
 
-    def _start(self) -> bytes:
+    def _start(self) -> Answer:
         os.environ.update(self._env)  # before unpickling the spec imports any user code
         try:
             runtime = WorkerRuntime(loads(self._spec_bytes))
@@ -118,19 +124,19 @@ class _ActorWorker:
             self._runtime = runtime
         return self._frame(greeting)
 
-    def _run(self, frame: bytes) -> bytes:
+    def _run(self, frame: bytes, buffers: list[Any]) -> Answer:
         assert self._runtime is not None, "start() must succeed before chunks are run"
         task, raw_items, descriptors = self._codec.decode_header(frame)
         return self._frame(
-            run_encoded_chunk(self._runtime, self._codec, task, raw_items, descriptors)
+            run_encoded_chunk(self._runtime, self._codec, task, raw_items, descriptors, buffers)
         )
 
-    def _frame(self, message: Any) -> bytes:
+    def _frame(self, message: Any) -> Answer:
         try:
-            frame, _ = self._codec.encode(message)
+            frame, buffers, _ = self._codec.encode_detached(message)
         except Exception:  # find the item(s) at fault and send the rest
-            frame, _ = self._codec.encode(make_sendable(message))
-        return frame
+            frame, buffers, _ = self._codec.encode_detached(make_sendable(message))
+        return frame, buffers
 
 
 _actor_class: Any = None
@@ -173,6 +179,7 @@ class RayBackend:
 
     can_kill = True
     answers_in_order = False
+    chunk_policy = REMOTE_POLICY
 
     def __init__(
         self,
@@ -208,10 +215,10 @@ class RayBackend:
         if actor is None or not isinstance(message, RunChunk):
             return 0  # dead (its WorkerExited says so) or Stop (retire and shutdown end actors)
         try:
-            frame, payload_size = self._codec.encode(message)
+            frame, buffers, payload_size = self._codec.encode_detached(message)
         except Exception as exc:
             raise SerializationError(f"{type(exc).__name__}: {exc}") from exc
-        actor.pending.append(actor.handle.run_chunk.remote(actor.next_seq, frame))
+        actor.pending.append(actor.handle.run_chunk.remote(actor.next_seq, frame, buffers))
         actor.next_seq += 1
         return payload_size
 
@@ -305,7 +312,7 @@ class RayBackend:
             if isinstance(answer, BaseException):
                 events.append((index, self._bury(index, actor, answer)))
                 return
-            message = decode_from_worker(self._codec, answer)
+            message = decode_from_worker(self._codec, *answer)
             if isinstance(message, Ready):
                 actor.pid = message.pid
             elif isinstance(message, InitFailed):
@@ -320,9 +327,9 @@ class RayBackend:
         refs = actor.refs()
         return set(self._ray.wait(refs, num_returns=len(refs), timeout=_SETTLE_SECONDS)[0])
 
-    def _fetch(self, ref: Any) -> bytes | BaseException:
+    def _fetch(self, ref: Any) -> Answer | BaseException:
         try:
-            value: bytes = self._ray.get(ref)
+            value: Answer = self._ray.get(ref)
         except self._ray.exceptions.RayError as exc:  # the actor died, or Ray lost the answer
             error: BaseException = exc
             return error

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from .._chunking import LOCAL_POLICY
 from .._protocol import RunChunk, Stop, ToWorker, WorkerExited
 from .._worker_runtime import WorkerRuntime, WorkerSpec, format_exception_text
 from .base import Event
@@ -53,6 +54,7 @@ class ThreadBackend:
 
     can_kill = False
     answers_in_order = True
+    chunk_policy = LOCAL_POLICY
 
     def __init__(self, specs: Sequence[WorkerSpec]) -> None:
         self._specs = list(specs)
