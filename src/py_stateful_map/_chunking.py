@@ -32,8 +32,10 @@ class ChunkPolicy:
 LOCAL_POLICY = ChunkPolicy(target_seconds=0.02, max_items=4096, tail_seconds=0.002)
 #: A Ray actor call costs about a millisecond of CPU spread over the driver, the actor's RPC
 #: threads and the object store, and on a busy node that CPU is taken from the workers
-#: themselves: chunks carry ~10x more work (measured: benchmarks/NOTES.md).
-REMOTE_POLICY = ChunkPolicy(target_seconds=0.2, max_items=32768, tail_seconds=0.02)
+#: themselves: chunks carry ~10x more work. At most 16384 items: a chunk of small values then
+#: stays under Ray's 100 KiB limit for arguments passed inline, where a larger one goes through
+#: the object store and costs 1 ms more per call (measured: benchmarks/NOTES.md).
+REMOTE_POLICY = ChunkPolicy(target_seconds=0.2, max_items=16384, tail_seconds=0.02)
 
 
 class ChunkSizer:
