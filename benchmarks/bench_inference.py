@@ -724,6 +724,27 @@ def verdicts(results: dict[str, dict[str, Any]], cfg: Config) -> list[str]:
                 f"{best_key} {ttfr_peers[best_key]:.0f} ms [target ≤ best: "
                 f"{'PASS' if ok else 'FAIL'}]"
             )
+    out += _ray_verdicts(results, cfg)
+    return out
+
+
+def _ray_verdicts(results: dict[str, dict[str, Any]], cfg: Config) -> list[str]:
+    """The Ray issue's targets: ours on Ray against Ray's own tools and our processes backend."""
+    out = []
+    mine_res = results.get("ours_ray", {})
+    for b, _ in cfg.sizes:
+        mine = _rate(mine_res, b)
+        if mine is None:
+            continue
+        parts = []
+        for key, target in (("ray_actor", 1.0), ("ray_data", 1.0), ("ours", 0.9)):
+            other = _rate(results.get(key, {}), b)
+            if other:
+                ratio = mine / other
+                verdict = "PASS" if ratio >= target else "FAIL"
+                parts.append(f"{ratio:.2f}x {key} [target ≥ {target:.2f}: {verdict}]")
+        if parts:
+            out.append(f"- backend=ray B={b}: " + "; ".join(parts))
     return out
 
 

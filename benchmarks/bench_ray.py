@@ -14,7 +14,10 @@ The expert's code is measured two ways, because the two do different work in the
   way (``for r in pool.map(...): total += r.ret_val``), since ``map`` hands out one result
   object per item; building that object costs ~0.1 µs per item in the driver.
 
-Run: ``.bench-venv/bin/python benchmarks/bench_ray.py [--items N]``
+``--ceiling`` (a diagnostic, not a result) also runs ours with the per-item result object
+replaced by the bare value, to show how much of the gap that object is.
+
+Run: ``.bench-venv/bin/python benchmarks/bench_ray.py [--items N] [--ceiling]``
 """
 
 from __future__ import annotations
@@ -76,13 +79,22 @@ def ray_tasks(ray: Any, items: int, batch: int, *, per_item: bool) -> int:
     return total
 
 
-def ours(items: int, backend: str) -> Callable[[], int]:
-    from py_stateful_map import StateFullWorkerPool
+def ours(items: int, backend: str, *, bare_values: bool = False) -> Callable[[], int]:
+    from py_stateful_map import StateFullWorkerPool, _map_run
 
     pool: Any = StateFullWorkerPool(2, double, backend=backend)
+    wrap = _map_run._wrap
 
     def run() -> int:
         total = 0
+        if bare_values:  # diagnostic: hand out the values themselves
+            _map_run._wrap = lambda start, values, errors: iter(values)  # type: ignore[assignment]
+            try:
+                for value in pool.map(range(items)):
+                    total += value
+            finally:
+                _map_run._wrap = wrap
+            return total
         for r in pool.map(range(items)):
             total += r.ret_val
         return total
@@ -94,6 +106,7 @@ def ours(items: int, backend: str) -> Callable[[], int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=200_000)
+    parser.add_argument("--ceiling", action="store_true", help="also run ours without results")
     args = parser.parse_args()
     items = args.items
     import ray
@@ -113,6 +126,12 @@ def main() -> None:
             run = ours(items, backend)
             try:
                 rows.append((f"ours, backend={backend}, defaults", best_rate(run, items)))
+            finally:
+                run.pool.close()  # type: ignore[attr-defined]
+        if args.ceiling:
+            run = ours(items, "ray", bare_values=True)
+            try:
+                rows.append(("(diagnostic) ours on Ray, bare values", best_rate(run, items)))
             finally:
                 run.pool.close()  # type: ignore[attr-defined]
         for per_item in (True, False):
