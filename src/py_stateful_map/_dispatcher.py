@@ -295,6 +295,9 @@ class Dispatcher:
         was_starting = slot.state == "starting"
         timed_out, slot.killed_for_timeout = slot.killed_for_timeout, False
         cause = describe_exit(message.exitcode)
+        if slot.killed_for_init_timeout:
+            slot.killed_for_init_timeout = False
+            cause = f"was not ready within init_timeout={self.policy.init_timeout}s and was killed"
         logger.warning(
             "worker %d (pid %s%s) %s%s",
             slot.index,
@@ -319,7 +322,7 @@ class Dispatcher:
             ]
             slot.retries += len(singles)
             self._retry.extendleft(reversed(singles))
-        self._restart(slot, was_starting, message)
+        self._restart(slot, was_starting, message, cause)
 
     def _settle_running_chunk(
         self, slot: WorkerSlot, chunk: Chunk, message: WorkerExited, timed_out: bool
@@ -348,13 +351,15 @@ class Dispatcher:
                 logger.warning("re-running item %d (attempt %d)", chunk.start, chunk.attempts + 1)
                 self._retry.appendleft(chunk)
 
-    def _restart(self, slot: WorkerSlot, was_starting: bool, message: WorkerExited) -> None:
+    def _restart(
+        self, slot: WorkerSlot, was_starting: bool, message: WorkerExited, cause: str
+    ) -> None:
         slot.consecutive_init_deaths = slot.consecutive_init_deaths + 1 if was_starting else 0
         if slot.consecutive_init_deaths >= MAX_CONSECUTIVE_INIT_DEATHS:
             self.broken = True
             raise PoolBrokenError(
                 f"worker {slot.index}{slot.device_note} died {slot.consecutive_init_deaths} times "
-                f"in a row while starting ({describe_exit(message.exitcode)}); giving up"
+                f"in a row while starting (last: {cause}); giving up"
             )
         self.restarts += 1
         cap = self.policy.max_restarts
@@ -414,4 +419,5 @@ class Dispatcher:
                 continue
             if fail:
                 raise init_timeout_error(slot, self.policy.init_timeout)
+            slot.killed_for_init_timeout = True
             self.backend.kill(slot.index)  # its death restarts it, counted against the cap

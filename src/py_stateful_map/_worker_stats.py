@@ -25,6 +25,7 @@ class WorkerSlot:
     running_since: float | None = None
     starting_since: float = 0.0
     killed_for_timeout: bool = False
+    killed_for_init_timeout: bool = False
     consecutive_init_deaths: int = 0
     items_assigned: int = 0  # since this worker's last (re)start: drives max_tasks_per_worker
     # statistics

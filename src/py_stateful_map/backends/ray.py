@@ -262,7 +262,9 @@ class RayBackend:
         if self._released:
             return
         if self._ray.is_initialized() and live:
-            running = [ref for ref in (a.next_answer() for a in live) if ref is not None]
+            # Only chunks can be "running": an actor still starting (maybe never placed, when
+            # its node is gone) has no work to finish, and its start may never answer.
+            running = [a.pending[0] for a in live if a.start is None and a.pending]
             if running and not cancel and grace != 0:
                 self._ray.wait(running, num_returns=len(running), timeout=grace)
             for actor in live:
