@@ -51,7 +51,7 @@ from py_stateful_map import (  # noqa: E402
     WorkerInitError,
 )
 from py_stateful_map._chunking import REMOTE_POLICY  # noqa: E402
-from py_stateful_map.backends import ray as ray_backend  # noqa: E402
+from py_stateful_map.backends import _ray_shipping as ray_shipping  # noqa: E402
 from py_stateful_map.errors import TaskTimeoutError  # noqa: E402
 
 DEFERRED = ExceptionBehavior.DEFERRED
@@ -286,7 +286,7 @@ def test_worker_from_a_module_only_the_driver_can_import(tmp_path: Path) -> None
     sys.path.insert(0, str(tmp_path))
     try:
         module = importlib.import_module(name)
-        assert not ray_backend._importable_everywhere(module)
+        assert not ray_shipping.importable_everywhere(module)
         with ray_pool(module.Model, {"scale": 3}) as pool:
             results = [r.ret_val for r in pool.map(range(10))]
     finally:
@@ -297,9 +297,9 @@ def test_worker_from_a_module_only_the_driver_can_import(tmp_path: Path) -> None
 
 
 def test_only_code_outside_the_installation_is_shipped_by_value() -> None:
-    assert ray_backend._importable_everywhere(json)
-    assert ray_backend._importable_everywhere(ray_backend)
-    assert not ray_backend._importable_everywhere(sys.modules[__name__])
+    assert ray_shipping.importable_everywhere(json)
+    assert ray_shipping.importable_everywhere(ray_shipping)
+    assert not ray_shipping.importable_everywhere(sys.modules[__name__])
 
 
 def test_package_import_does_not_import_ray() -> None:

@@ -39,35 +39,28 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import os
-import pickle
 import signal
-import site
-import sys
-import sysconfig
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from .._chunking import REMOTE_POLICY
 from .._protocol import InitFailed, Ready, RunChunk, ToWorker, WorkerExited
-from .._serialization import Codec, decode_from_worker, dumps_by_value, loads, pickle_specs
+from .._serialization import Codec, decode_from_worker, loads, pickle_specs
 from .._worker_process import make_sendable, run_encoded_chunk
 from .._worker_runtime import WorkerRuntime, WorkerSpec, format_exception_text
 from ..errors import SerializationError
+from ._ray_options import check_actor_options, warn_if_unschedulable, with_defaults
 from ._ray_session import session
+from ._ray_shipping import dumps_spec
 from .base import Event
 
 logger = logging.getLogger("py_stateful_map")
 
-#: Actor options the pool itself owns: it restarts workers and re-runs items on its own.
-_POOL_OWNED_OPTIONS = ("max_restarts", "max_task_retries")
 #: Seconds to let a dead actor's other calls fail before reporting its death (normally ms).
 _SETTLE_SECONDS = 10.0
 #: Seconds ``shutdown`` waits for Ray to confirm that killed actors are gone.
@@ -189,17 +182,17 @@ class RayBackend:
         *,
         address: str | None = None,
     ) -> None:
-        _check_actor_options(actor_options)
-        self._spec_bytes = pickle_specs(specs, _dumps_spec, "a Ray actor")
+        check_actor_options(actor_options)
+        self._spec_bytes = pickle_specs(specs, dumps_spec, "a Ray actor")
         self._ray, self._owns_session = session.acquire(address)
         self._codec = Codec()
         self._released = False
         self._envs = list(envs)
-        self._options = _with_defaults(self._ray, actor_options)
+        self._options = with_defaults(self._ray, actor_options)
         self._actor_class = _remote_actor_class(self._ray)
         self._actors: list[_Actor | None] = [None] * len(specs)
         self._retiring: list[_Actor] = []
-        _warn_if_unschedulable(self._ray, self._options)
+        warn_if_unschedulable(self._ray, self._options)
 
     # -- Backend protocol -----------------------------------------------------------------------
 
@@ -356,109 +349,3 @@ class RayBackend:
     def _kill(self, actor: _Actor) -> None:
         with contextlib.suppress(Exception):  # already dead, or Ray already shut down
             self._ray.kill(actor.handle, no_restart=True)
-
-
-# -- shipping the worker definition -------------------------------------------------------------
-
-
-def _dumps_spec(spec: WorkerSpec) -> bytes:
-    """Pickle the spec, shipping by value the code of modules Ray workers may not import.
-
-    A class defined in a test module, a script next to ``__main__`` or a notebook is found
-    through the driver's ``sys.path`` only; the actor may run on another machine or from
-    another directory, so its code travels inside the pickle (``register_pickle_by_value``).
-    """
-    modules = [m for m in map(_module_of, (spec.target, spec.collate_fn)) if m is not None]
-    by_value = [m for m in modules if not _importable_everywhere(m)]
-    if not by_value:
-        return dumps_by_value(spec)
-    cloudpickle = _cloudpickle()
-    registered = set(cloudpickle.list_registry_pickle_by_value())
-    added = [m for m in by_value if m.__name__ not in registered and m.__name__ != "__main__"]
-    for module in added:
-        cloudpickle.register_pickle_by_value(module)
-    try:
-        data: bytes = cloudpickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
-    finally:
-        for module in added:
-            cloudpickle.unregister_pickle_by_value(module)
-    return data
-
-
-def _cloudpickle() -> Any:
-    try:
-        import cloudpickle
-    except ImportError:  # Ray carries its own copy
-        from ray import cloudpickle
-    return cloudpickle
-
-
-def _module_of(obj: object) -> ModuleType | None:
-    name = getattr(obj, "__module__", None)
-    return None if obj is None or name is None else sys.modules.get(name)
-
-
-@functools.cache
-def _install_dirs() -> tuple[Path, ...]:
-    paths = sysconfig.get_paths()
-    dirs = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths}
-    dirs.update(getattr(site, "getsitepackages", list)())
-    return tuple(Path(d).resolve() for d in dirs)
-
-
-def _importable_everywhere(module: ModuleType) -> bool:
-    """Installed (site-packages, stdlib, this package) rather than found via the driver's path."""
-    name = module.__name__
-    if name in ("__main__", "__mp_main__"):
-        return False
-    if name.partition(".")[0] in ("py_stateful_map", "ray") or name in sys.builtin_module_names:
-        return True
-    file = getattr(module, "__file__", None)
-    if file is None:
-        return False
-    path = Path(file).resolve()
-    return any(path.is_relative_to(directory) for directory in _install_dirs())
-
-
-# -- connecting ---------------------------------------------------------------------------------
-
-
-def _check_actor_options(actor_options: Sequence[dict[str, Any]]) -> None:
-    owned = sorted({key for options in actor_options for key in options} & {*_POOL_OWNED_OPTIONS})
-    if owned:
-        raise ValueError(
-            f"ray_actor_options may not set {owned}: the pool restarts workers and re-runs "
-            "items itself (see max_restarts and max_retries of the pool)"
-        )
-
-
-def _with_defaults(ray: Any, actor_options: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One CPU per actor by default, or an equal share when the cluster has fewer CPUs.
-
-    Every actor must be placed before the pool starts, so on a fixed cluster a pool asking for
-    more CPUs than exist would wait forever; a fractional share (rounded down to Ray's 1e-4
-    resolution) keeps it startable. Explicit ``num_cpus`` is left as given.
-    """
-    cpus = float(ray.cluster_resources().get("CPU", 0.0))
-    count = len(actor_options)
-    share = 1.0 if cpus == 0 or cpus >= count else math.floor(cpus / count * 10_000) / 10_000
-    return [
-        {"num_cpus": share, **options, "max_restarts": 0, "max_task_retries": 0}
-        for options in actor_options
-    ]
-
-
-def _warn_if_unschedulable(ray: Any, options: Sequence[dict[str, Any]]) -> None:
-    total = ray.cluster_resources()
-    for resource, key in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
-        wanted = sum(float(o.get(key) or 0) for o in options)
-        if wanted > total.get(resource, 0.0):
-            logger.warning(
-                "the %d Ray actors ask for %g %s(s) in all but the cluster has %g: some will "
-                "wait for resources (lower %r in ray_actor_options, or add nodes)",
-                len(options),
-                wanted,
-                resource,
-                total.get(resource, 0.0),
-                key,
-            )
