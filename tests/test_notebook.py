@@ -76,3 +76,50 @@ def test_notebook_is_committed_without_outputs() -> None:
             assert cell.outputs == [], "clear the notebook's outputs before committing"
             assert cell.execution_count is None
     assert notebook.metadata.kernelspec.name == "python3"
+
+
+RAY_CELLS = [
+    "from py_stateful_map import StateFullWorkerPool",
+    # A class defined in a cell lives in the kernel's __main__, which no Ray worker can import.
+    "class Scale:\n"
+    "    def __init__(self, factor):\n"
+    "        import os\n"
+    "        self.factor, self.pid = factor, os.getpid()\n"
+    "    def __call__(self, x):\n"
+    "        return self.pid, x * self.factor",
+    "import os\n"
+    "with StateFullWorkerPool(2, Scale, {'factor': 3}, backend='ray') as pool:\n"
+    "    results = [r.ret_val for r in pool.map(range(40))]\n"
+    "print('values:', [v for _, v in results] == [x * 3 for x in range(40)])\n"
+    "print('in actors:', os.getpid() not in {pid for pid, _ in results})",
+    "import ray\nprint('ray left running:', ray.is_initialized())",
+]
+
+
+@pytest.mark.timeout(CELL_TIMEOUT_SECONDS * 2)
+@pytest.mark.usefixtures("this_interpreter_as_kernel")
+def test_class_defined_in_a_cell_runs_on_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("ray")
+    for name, value in (  # the kernel inherits them: a loopback-only local Ray, no telemetry
+        ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),
+        ("RAY_AUTH_MODE", "disabled"),
+        ("RAY_USAGE_STATS_ENABLED", "0"),
+    ):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in RAY_CELLS])
+    client = nbclient.NotebookClient(
+        notebook,
+        kernel_name="python3",
+        timeout=CELL_TIMEOUT_SECONDS,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()
+    printed = "\n".join(output_text(cell) for cell in notebook.cells)
+    errors = [out for cell in notebook.cells for out in cell.outputs if out.output_type == "error"]
+    assert errors == []
+    assert "values: True" in printed
+    assert "in actors: True" in printed
+    assert "ray left running: False" in printed  # the pool shut down the Ray it started
