@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
-import os
 import shutil
 import tempfile
 import threading
@@ -14,6 +13,8 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
+
+from .ray_support import keep_ray_on_loopback
 
 #: Backends every behaviour test runs against (the inline one has a single worker).
 LOCAL_BACKENDS = ["processes", "threads"]
@@ -28,12 +29,7 @@ def ray_cluster() -> Iterator[None]:
     The pool finds Ray initialized and leaves it running between tests; starting Ray takes
     seconds, so one instance serves every Ray-parametrized test of a module.
     """
-    for name, value in (
-        ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),  # read at import: stay on 127.0.0.1
-        ("RAY_AUTH_MODE", "disabled"),
-        ("RAY_USAGE_STATS_ENABLED", "0"),
-    ):
-        os.environ.setdefault(name, value)
+    keep_ray_on_loopback()
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         yield

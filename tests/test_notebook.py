@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from .ray_support import LOOPBACK_RAY_ENV
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -102,11 +104,7 @@ def test_class_defined_in_a_cell_runs_on_ray(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("ray")
-    for name, value in (  # the kernel inherits them: a loopback-only local Ray, no telemetry
-        ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),
-        ("RAY_AUTH_MODE", "disabled"),
-        ("RAY_USAGE_STATS_ENABLED", "0"),
-    ):
+    for name, value in LOOPBACK_RAY_ENV.items():  # the kernel inherits them
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in RAY_CELLS])

@@ -13,8 +13,6 @@ every Ray instance on the machine).
 from __future__ import annotations
 
 import importlib
-import ipaddress
-import itertools
 import json
 import os
 import shutil
@@ -26,19 +24,14 @@ import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-# Read by Ray when it is imported: keep every address on loopback, no auth token, no telemetry.
-for _name, _value in (
-    ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),
-    ("RAY_AUTH_MODE", "disabled"),
-    ("RAY_USAGE_STATS_ENABLED", "0"),
-):
-    os.environ.setdefault(_name, _value)
+from .ray_support import is_loopback_ip, keep_ray_on_loopback
+
+keep_ray_on_loopback()
 
 ray = pytest.importorskip("ray")
 
@@ -48,9 +41,7 @@ from py_stateful_map import (  # noqa: E402
     RemoteTraceback,
     StateFullWorkerPool,
     WorkerDiedError,
-    WorkerInitError,
 )
-from py_stateful_map._chunking import REMOTE_POLICY  # noqa: E402
 from py_stateful_map.backends import _ray_shipping as ray_shipping  # noqa: E402
 from py_stateful_map.errors import TaskTimeoutError  # noqa: E402
 
@@ -90,14 +81,6 @@ def raise_on_multiple_of_three(x: int) -> int:
     return x * 10
 
 
-def long_item_zero_fast_failure(x: int) -> int:
-    if x == 0:
-        time.sleep(5.0)
-    if x == 1:
-        raise ItemFailedError("fast failure", x)
-    return x
-
-
 def payload_size(item: Any) -> int:
     return len(item) if isinstance(item, bytes) else -item
 
@@ -128,31 +111,6 @@ class Faulty:
         return item
 
 
-class TouchingWorker:
-    """Marks each item it starts; item 0 is slow, item 1 fails, the rest are quick."""
-
-    def __init__(self, marker_dir: str, slow_seconds: float) -> None:
-        self.marker_dir = Path(marker_dir)
-        self.slow_seconds = slow_seconds
-
-    def __call__(self, x: int) -> int:
-        (self.marker_dir / f"started-{x}").touch()
-        if x == 0:
-            time.sleep(self.slow_seconds)
-        if x == 1:
-            raise ItemFailedError("fails after start", x)
-        return x
-
-
-class FailsToBuild:
-    def __init__(self, index: int, fail_index: int) -> None:
-        if index == fail_index:
-            raise RuntimeError("cannot load the model", index)
-
-    def __call__(self, x: int) -> int:
-        return x
-
-
 class BatchEcho:
     """A batched worker: returns ``(device, item, batch length)`` per item."""
 
@@ -168,21 +126,6 @@ class ArrayDoubler:
         return array * 2
 
 
-class CountingSource:
-    """An endless iterator without ``len()`` that counts how much was pulled."""
-
-    def __init__(self) -> None:
-        self._source = itertools.count()
-        self.pulled = 0
-
-    def __iter__(self) -> Iterator[int]:
-        return self
-
-    def __next__(self) -> int:
-        self.pulled += 1
-        return next(self._source)
-
-
 # -- results ------------------------------------------------------------------------------------
 
 
@@ -195,28 +138,6 @@ def test_ordered_and_unordered_maps_return_every_item_once() -> None:
     assert [r.ret_val for r in ordered] == list(range(60))
     assert sorted(r.obj_id for r in unordered) == list(range(60))
     assert all(r.ret_val == r.obj_id and r.exception_obj is None for r in unordered)
-
-
-def test_map_reads_endless_generator_with_bounded_read_ahead() -> None:
-    source = CountingSource()
-    with ray_pool(square) as pool:
-        result = pool.map(source)
-        with pytest.raises(TypeError):
-            len(result)
-        for consumed, r in enumerate(result, start=1):
-            assert r.ret_val == r.obj_id * r.obj_id
-            if consumed == 2000:
-                break
-        # Bounded by the window: a few chunks per actor, each at most the remote cap.
-        assert source.pulled - consumed <= 5 * 2 * REMOTE_POLICY.max_items
-
-
-def test_len_of_map_equals_len_of_sized_input() -> None:
-    with ray_pool(square) as pool:
-        for values in (list(range(17)), range(5, 30), []):
-            result = pool.map(values)
-            assert len(result) == len(values)
-            assert [r.ret_val for r in result] == [v * v for v in values]
 
 
 def test_large_arrays_cross_both_ways() -> None:
@@ -319,65 +240,6 @@ def test_immediate_raises_worker_exception_with_remote_traceback() -> None:
     assert info.value.args == ("bad item", 3)
     assert isinstance(info.value.__cause__, RemoteTraceback)
     assert "raise_on_multiple_of_three" in info.value.__cause__.tb_text
-
-
-def test_deferred_returns_every_item_with_exceptions_in_place() -> None:
-    with ray_pool(raise_on_multiple_of_three, exception_behavior=DEFERRED) as pool:
-        results = list(pool.map(range(20)))
-    assert [r.obj_id for r in results] == list(range(20))
-    for r in results:
-        if r.obj_id % 3 == 0:
-            assert type(r.exception_obj) is ItemFailedError
-            assert r.exception_obj.args == ("bad item", r.obj_id)
-            assert "raise_on_multiple_of_three" in str(r.exception_obj.__cause__)
-        else:
-            assert r.exception_obj is None and r.ret_val == r.obj_id * 10
-
-
-def test_immediate_raises_without_waiting_for_running_items() -> None:
-    with pytest.raises(ItemFailedError) as info:
-        with ray_pool(long_item_zero_fast_failure, chunk_size=1) as pool:
-            started = time.monotonic()
-            try:
-                list(pool.map([0, 1]))
-            finally:
-                elapsed = time.monotonic() - started
-    assert info.value.args == ("fast failure", 1)
-    assert elapsed < 2.5, f"IMMEDIATE waited {elapsed:.2f}s for the running item"
-
-
-def test_immediate_wait_others_raises_after_running_items_finish(tmp_path: Path) -> None:
-    slow = 1.0
-    with ray_pool(
-        TouchingWorker,
-        {"marker_dir": str(tmp_path), "slow_seconds": slow},
-        exception_behavior=ExceptionBehavior.IMMEDIATE_WAIT_OTHERS,
-        chunk_size=1,  # items already handed to a worker finish: count them one by one
-    ) as pool:
-        started = time.monotonic()
-        with pytest.raises(ItemFailedError) as info:
-            list(pool.map(range(40)))
-        elapsed = time.monotonic() - started
-        started_items = {int(p.name.split("-")[1]) for p in tmp_path.glob("started-*")}
-    assert info.value.args == ("fails after start", 1)
-    assert elapsed >= slow, f"raised after {elapsed:.2f}s, before the running item finished"
-    assert {0, 1} <= started_items
-    assert len(started_items) < 20, f"kept starting items after the failure: {started_items}"
-
-
-def test_init_error_raises_worker_init_error_naming_the_worker() -> None:
-    with pytest.raises(WorkerInitError) as info:
-        ray_pool(
-            FailsToBuild, {"fail_index": 1}, worker_kwarg_dict_arr=[{"index": i} for i in (0, 1)]
-        )
-    error = info.value
-    assert error.worker_index == 1
-    assert "cannot load the model" in str(error)
-    original = error.__cause__
-    assert type(original) is RuntimeError
-    assert original.args == ("cannot load the model", 1)
-    assert isinstance(original.__cause__, RemoteTraceback)
-    assert "__init__" in original.__cause__.tb_text
 
 
 # -- faults -------------------------------------------------------------------------------------
@@ -500,7 +362,7 @@ def test_backend_starts_a_loopback_ray_and_shuts_it_down_after_the_last_pool() -
     assert report["still_up"] is True, "closing one pool shut down Ray under another"
     assert report["after"] is False, "the last pool left the Ray it started running"
     assert report["left"] == [], "Ray processes outlived ray.shutdown()"
-    outside = [ip for ip in report["endpoints"] if not _is_loopback_ip(ip)]
+    outside = [ip for ip in report["endpoints"] if not is_loopback_ip(ip)]
     assert report["endpoints"] and not outside, report["endpoints"]
 
 
@@ -579,12 +441,6 @@ def _end_head(temp_dir: str) -> None:
     assert not _head_processes(temp_dir), "the test head's processes outlived the test"
 
 
-def _is_loopback_ip(ip: str) -> bool:
-    address = ipaddress.ip_address(ip.split("%", maxsplit=1)[0])
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
-
-
 def test_connects_by_address_to_a_loopback_head_and_stays_on_loopback() -> None:
     pytest.importorskip("psutil")
     ray_cli = Path(sys.executable).with_name("ray")
@@ -618,5 +474,5 @@ def test_connects_by_address_to_a_loopback_head_and_stays_on_loopback() -> None:
     assert report["pid"] not in {pid for pid, _ in report["results"]}
     assert report["head"] >= 3, "the head's processes were not found"
     assert report["endpoints"], "no Ray connection was seen"
-    outside = [ip for ip in report["endpoints"] if not _is_loopback_ip(ip)]
+    outside = [ip for ip in report["endpoints"] if not is_loopback_ip(ip)]
     assert not outside, f"Ray used addresses beyond loopback: {outside}"

@@ -8,7 +8,6 @@ raylet and every process on it), as when a machine of a cluster goes away.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import time
 from collections.abc import Iterator
@@ -16,20 +15,16 @@ from typing import Any
 
 import pytest
 
-# Read by Ray when it is imported or when it starts a node: loopback only, and a lost node is
-# declared dead after ~1.5 s of missed health checks instead of Ray's default ~15 s.
-for _name, _value in (
-    ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),
-    ("RAY_AUTH_MODE", "disabled"),
-    ("RAY_USAGE_STATS_ENABLED", "0"),
-):
-    os.environ.setdefault(_name, _value)
+from .ray_support import endpoints_of, is_loopback_ip, keep_ray_on_loopback
+
+keep_ray_on_loopback()
 
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 from py_stateful_map import ExceptionBehavior, PoolBrokenError, StateFullWorkerPool  # noqa: E402
 
+#: A lost node is declared dead after ~1.5 s of missed health checks, not Ray's default ~15 s.
 FAST_NODE_DEATH = {
     "RAY_health_check_period_ms": "500",
     "RAY_health_check_failure_threshold": "3",
@@ -63,26 +58,6 @@ def pid_after_a_while(x: int) -> tuple[int, int]:
     return os.getpid(), x
 
 
-def _endpoints() -> set[str]:
-    found: set[str] = set()
-    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
-        try:
-            connections = process.net_connections(kind="inet")
-        except psutil.Error:
-            continue
-        for connection in connections:
-            found.add(connection.laddr.ip)
-            if connection.raddr:
-                found.add(connection.raddr.ip)
-    return found
-
-
-def _is_loopback(ip: str) -> bool:
-    address = ipaddress.ip_address(ip.split("%", maxsplit=1)[0])
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
-
-
 def test_a_lost_node_does_not_hang_the_map_and_no_item_is_lost(two_nodes: Any) -> None:
     cluster, second = two_nodes
     one_worker_per_node = [{"resources": {"first": 1}}, {"resources": {"second": 1}}]
@@ -97,7 +72,7 @@ def test_a_lost_node_does_not_hang_the_map_and_no_item_is_lost(two_nodes: Any) -
         exception_behavior=ExceptionBehavior.DEFERRED,
     ) as pool:
         assert len({w["pid"] for w in pool.stats().workers}) == 2
-        endpoints = _endpoints()
+        endpoints = endpoints_of([psutil.Process(), *psutil.Process().children(recursive=True)])
         for r in pool.map(range(60)):
             assert r.exception_obj is None, r.exception_obj  # re-run elsewhere, not failed
             seen.append(r.obj_id)
@@ -115,7 +90,7 @@ def test_a_lost_node_does_not_hang_the_map_and_no_item_is_lost(two_nodes: Any) -
     assert len(set(pids[-20:])) == 1, "only the surviving node's worker works after the loss"
     assert finished_after < 30, f"the map took {finished_after:.1f} s after the node was lost"
     assert closed_in < 5, f"closing took {closed_in:.1f} s"
-    outside = sorted(ip for ip in endpoints if not _is_loopback(ip))
+    outside = sorted(ip for ip in endpoints if not is_loopback_ip(ip))
     assert endpoints and not outside, f"Ray used addresses beyond loopback: {outside}"
 
 
