@@ -22,12 +22,7 @@ from .._worker_runtime import WorkerSpec
 
 
 def dumps_spec(spec: WorkerSpec) -> bytes:
-    """Pickle the spec, shipping by value the code of modules Ray workers may not import.
-
-    A class defined in a test module, a script next to ``__main__`` or a notebook is found
-    through the driver's ``sys.path`` only; the actor may run on another machine or from
-    another directory, so its code travels inside the pickle (``register_pickle_by_value``).
-    """
+    """Pickle the spec, shipping by value the code of modules Ray workers may not import."""
     modules = [m for m in map(_module_of, (spec.target, spec.collate_fn)) if m is not None]
     by_value = [m for m in modules if not importable_everywhere(m)]
     if not by_value:
