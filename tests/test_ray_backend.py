@@ -168,6 +168,8 @@ def test_more_workers_than_cpus_share_the_cpus() -> None:
 def test_restart_options_belong_to_the_pool() -> None:
     with pytest.raises(ValueError, match="max_restarts"):
         ray_pool(square, ray_actor_options=[{"max_restarts": 3}, {}])
+    with pytest.raises(ValueError, match="name"):
+        ray_pool(square, ray_actor_options=[{}, {"name": "mine"}])
 
 
 # -- worker state and shipping ------------------------------------------------------------------
@@ -260,6 +262,31 @@ def test_sigkilled_actor_is_restarted_and_no_item_is_lost_or_repeated(tmp_path: 
     pids_after = {r.ret_val[0] for r in results[20:]}
     assert victim not in pids_after
     assert len(list(tmp_path.glob("built-*"))) >= 3  # the replacement was built too
+
+
+def pool_actor_names() -> set[str]:
+    return {name for name in ray.util.list_named_actors() if name.startswith("py_stateful_map-")}
+
+
+def test_actor_ended_with_ray_kill_is_restarted_and_no_item_is_lost(tmp_path: Path) -> None:
+    # What an operator does from outside (`ray.kill` on the actor found by its name).
+    before = pool_actor_names()
+    with ray_pool(Identity, {"marker_dir": str(tmp_path), "delay": 0.02}, chunk_size=1) as pool:
+        names = sorted(pool_actor_names() - before)
+        assert len(names) == 2 and all("-worker" in name for name in names)
+        victim = ray.get_actor(names[0])
+        results = []
+        for r in pool.map(range(60)):
+            results.append(r)
+            if len(results) == 10:
+                ray.kill(victim, no_restart=True)
+        stats = pool.stats()
+        replacements = pool_actor_names() - before - set(names)
+    assert [r.obj_id for r in results] == list(range(60))
+    assert all(r.exception_obj is None and r.ret_val[2] == r.obj_id for r in results)
+    assert stats.restarts >= 1
+    assert len(replacements) == 1, "the killed worker's replacement has a name of its own"
+    assert not pool_actor_names() - before, "closing the pool left named actors"
 
 
 def test_item_that_kills_its_actor_is_reported_with_worker_died_error() -> None:

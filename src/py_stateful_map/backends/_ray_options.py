@@ -9,16 +9,17 @@ from typing import Any
 
 logger = logging.getLogger("py_stateful_map")
 
-#: Actor options the pool itself owns: it restarts workers and re-runs items on its own.
-_POOL_OWNED_OPTIONS = ("max_restarts", "max_task_retries")
+#: Actor options the pool itself owns: it restarts workers and re-runs items on its own, and it
+#: names each actor (a name must be unique while a dying actor may still hold it).
+_POOL_OWNED_OPTIONS = ("max_restarts", "max_task_retries", "name")
 
 
 def check_actor_options(actor_options: Sequence[dict[str, Any]]) -> None:
     owned = sorted({key for options in actor_options for key in options} & {*_POOL_OWNED_OPTIONS})
     if owned:
         raise ValueError(
-            f"ray_actor_options may not set {owned}: the pool restarts workers and re-runs "
-            "items itself (see max_restarts and max_retries of the pool)"
+            f"ray_actor_options may not set {owned}: the pool names its actors, restarts "
+            "workers and re-runs items itself (see max_restarts and max_retries of the pool)"
         )
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import signal
@@ -133,6 +134,7 @@ class _ActorWorker:
 
 
 _actor_class: Any = None
+_pool_numbers = itertools.count()
 
 
 def _remote_actor_class(ray: Any) -> Any:
@@ -191,13 +193,18 @@ class RayBackend:
         self._options = with_defaults(self._ray, actor_options)
         self._actor_class = _remote_actor_class(self._ray)
         self._actors: list[_Actor | None] = [None] * len(specs)
+        self._token = f"{os.getpid()}-{next(_pool_numbers)}"
+        self._incarnations = itertools.count()
         self._retiring: list[_Actor] = []
         warn_if_unschedulable(self._ray, self._options)
 
     # -- Backend protocol -----------------------------------------------------------------------
 
     def start_worker(self, index: int) -> None:
-        handle = self._actor_class.options(**self._options[index]).remote(
+        # A name per incarnation, so `ray list actors` (or the dashboard) tells an operator
+        # which pool and worker an actor belongs to; a restart never reuses a name.
+        name = f"py_stateful_map-{self._token}-worker{index}-{next(self._incarnations)}"
+        handle = self._actor_class.options(**self._options[index], name=name).remote(
             self._envs[index], self._spec_bytes[index]
         )
         start = handle.start.remote()
