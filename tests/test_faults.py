@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -677,6 +678,11 @@ def test_workers_die_with_their_parent(tmp_path: Path, busy: str) -> None:
         proc.communicate()
     assert len(pids) == 3
     assert not survivors, f"workers {survivors} outlived their SIGKILLed parent by 3 s"
+    # The dead parent could not remove its crash-report directory: the next pool does.
+    abandoned = list(Path(tempfile.gettempdir()).glob(f"py_stateful_map-{proc.pid}-*"))
+    assert abandoned, "the killed parent had a crash-report directory"
+    with StateFullWorkerPool(1, abs):
+        assert not any(path.exists() for path in abandoned)
 
 
 @pytest.mark.timeout(30)

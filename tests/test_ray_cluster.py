@@ -9,6 +9,8 @@ raylet and every process on it), as when a machine of a cluster goes away.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -39,9 +41,15 @@ def two_nodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any]]:
 
     for name, value in FAST_NODE_DEATH.items():
         monkeypatch.setenv(name, value)  # the nodes' processes inherit it
+    temp_dir = tempfile.mkdtemp(prefix="psm-ray-", dir="/tmp")  # short: socket path limits
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "resources": {"first": 1}, "include_dashboard": False},
+        head_node_args={
+            "num_cpus": 1,
+            "resources": {"first": 1},
+            "include_dashboard": False,
+            "temp_dir": temp_dir,
+        },
     )
     try:
         second = cluster.add_node(num_cpus=1, resources={"second": 1})
@@ -51,6 +59,7 @@ def two_nodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any]]:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def pid_after_a_while(x: int) -> tuple[int, int]:

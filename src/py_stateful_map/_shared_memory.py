@@ -253,7 +253,7 @@ def sweep_orphans() -> int:
     for path in SHM_DIR.glob("psm-*"):
         pid = path.name.split("-")[1]
         if pid not in alive and pid not in dead:
-            (dead if not pid.isdigit() or not _pid_alive(int(pid)) else alive).add(pid)
+            (dead if not pid.isdigit() or not pid_alive(int(pid)) else alive).add(pid)
         if pid in dead:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -261,7 +261,7 @@ def sweep_orphans() -> int:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

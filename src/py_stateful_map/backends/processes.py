@@ -25,7 +25,6 @@ import shutil
 import socket
 import struct
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .._chunking import LOCAL_POLICY
+from .._crash_dirs import make_crash_dir
 from .._protocol import (
     Stop,
     ToWorker,
@@ -76,7 +76,7 @@ class ProcessBackend:
         self._outboxes: list[deque[memoryview]] = [deque() for _ in range(count)]
         self._at_eof: set[int] = set()
         self._retiring: list[tuple[BaseProcess, Connection]] = []
-        self._crash_dir = Path(tempfile.mkdtemp(prefix="py_stateful_map-"))
+        self._crash_dir = make_crash_dir()
         sweep_orphans()  # segments of earlier runs whose parent was killed mid-transfer
         own_prefix = f"{prefix_for(os.getpid())}p{next(_POOL_IDS)}-"
         self._segments = SegmentPool(own_prefix) if available() else None
