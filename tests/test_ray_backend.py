@@ -289,6 +289,22 @@ def test_actor_ended_with_ray_kill_is_restarted_and_no_item_is_lost(tmp_path: Pa
     assert not pool_actor_names() - before, "closing the pool left named actors"
 
 
+def test_closing_right_after_a_restart_leaves_every_cpu_free(tmp_path: Path) -> None:
+    # Regression: killing an actor that Ray is still creating can leave its CPU leased forever
+    # (seen in CI: the next pool waited for a CPU that never came back).
+    total = ray.cluster_resources()["CPU"]
+    for _ in range(3):
+        with ray_pool(Identity, {"marker_dir": str(tmp_path), "delay": 0.0}) as pool:
+            os.kill(pool.stats().workers[0]["pid"], signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while pool.stats().restarts == 0 and time.monotonic() < deadline:
+                list(pool.map(range(4)))  # notices the death and starts the replacement
+        deadline = time.monotonic() + 15
+        while ray.available_resources().get("CPU", 0.0) < total and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ray.available_resources().get("CPU", 0.0) == total, "a closed pool kept a CPU"
+
+
 def test_item_that_kills_its_actor_is_reported_with_worker_died_error() -> None:
     items = ["a", "kill", "b", "c"]
     with ray_pool(Faulty, exception_behavior=DEFERRED, max_retries=1) as pool:

@@ -53,3 +53,12 @@ def warn_if_unschedulable(ray: Any, options: Sequence[dict[str, Any]]) -> None:
                 total.get(resource, 0.0),
                 key,
             )
+
+
+def resource_request(options: dict[str, Any]) -> dict[str, float]:
+    """The resources an actor with these options asks Ray for, by Ray's resource names."""
+    request = {str(k): float(v) for k, v in (options.get("resources") or {}).items()}
+    for resource, key in (("CPU", "num_cpus"), ("GPU", "num_gpus"), ("memory", "memory")):
+        if options.get(key):
+            request[resource] = float(options[key])
+    return request

@@ -55,7 +55,12 @@ from .._serialization import Codec, decode_from_worker, loads, pickle_specs
 from .._worker_process import make_sendable, run_encoded_chunk
 from .._worker_runtime import WorkerRuntime, WorkerSpec, format_exception_text
 from ..errors import SerializationError
-from ._ray_options import check_actor_options, warn_if_unschedulable, with_defaults
+from ._ray_options import (
+    check_actor_options,
+    resource_request,
+    warn_if_unschedulable,
+    with_defaults,
+)
 from ._ray_session import session
 from ._ray_shipping import dumps_spec
 from .base import Event
@@ -66,6 +71,10 @@ logger = logging.getLogger("py_stateful_map")
 _SETTLE_SECONDS = 10.0
 #: Seconds ``shutdown`` waits for Ray to confirm that killed actors are gone.
 _CONFIRM_KILL_SECONDS = 10.0
+#: Longest single block inside Ray: ``ray.wait`` does not return for Ctrl-C.
+_WAIT_SLICE_SECONDS = 1.0
+#: Seconds a cancelling ``shutdown`` lets actors that are being created finish starting.
+_START_SETTLE_SECONDS = 2.0
 
 
 #: What an actor answers: a frame and the large buffers that travel next to it.
@@ -154,6 +163,7 @@ class _Actor:
     handle: Any
     watch: Any  # ObjectRef that fails when the actor dies
     start: Any | None  # ObjectRef of start() until its answer is reported
+    request: dict[str, float]  # the resources it asks Ray for ("CPU", "GPU", custom ones)
     pending: deque[Any] = field(default_factory=deque)  # run_chunk refs, in the order sent
     next_seq: int = 1
     pid: int | None = None
@@ -191,6 +201,7 @@ class RayBackend:
         self._released = False
         self._envs = list(envs)
         self._options = with_defaults(self._ray, actor_options)
+        self._requests = [resource_request(options) for options in self._options]
         self._actor_class = _remote_actor_class(self._ray)
         self._actors: list[_Actor | None] = [None] * len(specs)
         self._token = f"{os.getpid()}-{next(_pool_numbers)}"
@@ -208,7 +219,9 @@ class RayBackend:
             self._envs[index], self._spec_bytes[index]
         )
         start = handle.start.remote()
-        self._actors[index] = _Actor(handle, watch=handle.watch.remote(), start=start)
+        self._actors[index] = _Actor(
+            handle, watch=handle.watch.remote(), start=start, request=self._requests[index]
+        )
 
     def send(self, index: int, message: ToWorker) -> int:
         actor = self._actors[index]
@@ -232,7 +245,20 @@ class RayBackend:
             blocking = self._blocking_refs()
             if not blocking:
                 return []
-            self._ray.wait(blocking, num_returns=1, timeout=remaining)
+            # In slices: a signal handler (Ctrl-C) runs only between calls into Ray.
+            wait_slice = min(
+                _WAIT_SLICE_SECONDS, _WAIT_SLICE_SECONDS if remaining is None else remaining
+            )
+            self._ray.wait(blocking, num_returns=1, timeout=wait_slice)
+
+    def _placeable(self, actor: _Actor) -> bool:
+        """Whether some live node of the cluster has the resources this actor asks for."""
+        wanted = {key: amount for key, amount in actor.request.items() if amount}
+        for node in self._ray.nodes():
+            total = node.get("Resources", {})
+            if node.get("Alive") and all(total.get(k, 0.0) >= v for k, v in wanted.items()):
+                return True
+        return False
 
     def kill(self, index: int) -> None:
         actor = self._actors[index]
@@ -262,11 +288,16 @@ class RayBackend:
         if self._released:
             return
         if self._ray.is_initialized() and live:
-            # Only chunks can be "running": an actor still starting (maybe never placed, when
-            # its node is gone) has no work to finish, and its start may never answer.
             running = [a.pending[0] for a in live if a.start is None and a.pending]
-            if running and not cancel and grace != 0:
-                self._ray.wait(running, num_returns=len(running), timeout=grace)
+            # Ray can leak the CPU lease of an actor killed while it is being created (the
+            # worker drops the kill, keeps the lease, and later actors wait for that CPU
+            # forever): let actors that are starting finish starting first, except those no
+            # live node can host (their node was lost), which have no lease and never start.
+            starting = [a.start for a in live if a.start is not None and self._placeable(a)]
+            wait_for = ([] if cancel else running) + starting
+            limit = min(grace, _START_SETTLE_SECONDS) if cancel and grace else grace
+            if wait_for and grace != 0:
+                self._ray.wait(wait_for, num_returns=len(wait_for), timeout=limit)
             for actor in live:
                 self._kill(actor)
             watches = [a.watch for a in live]
