@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,6 +40,17 @@ def this_interpreter_as_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
 
 
+def run_in_kernel(notebook: Any, cwd: Path) -> None:
+    """Execute every cell in kernel ``python3`` (see ``this_interpreter_as_kernel``)."""
+    client = nbclient.NotebookClient(
+        notebook,
+        kernel_name="python3",
+        timeout=CELL_TIMEOUT_SECONDS,
+        resources={"metadata": {"path": str(cwd)}},
+    )
+    client.execute()
+
+
 def output_text(cell: dict) -> str:
     return "".join(
         out.get("text", "") for out in cell.get("outputs", ()) if out.get("name") == "stdout"
@@ -52,13 +64,7 @@ def test_notebook_runs_in_a_kernel(tmp_path: Path) -> None:
     notebook.cells.append(
         nbformat.v4.new_code_cell("import sys\nprint('interpreter:', sys.executable)")
     )
-    client = nbclient.NotebookClient(
-        notebook,
-        kernel_name="python3",
-        timeout=CELL_TIMEOUT_SECONDS,
-        resources={"metadata": {"path": str(tmp_path)}},
-    )
-    client.execute()
+    run_in_kernel(notebook, tmp_path)
 
     code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
     printed = "\n".join(output_text(cell) for cell in code_cells)
@@ -108,13 +114,7 @@ def test_class_defined_in_a_cell_runs_on_ray(
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in RAY_CELLS])
-    client = nbclient.NotebookClient(
-        notebook,
-        kernel_name="python3",
-        timeout=CELL_TIMEOUT_SECONDS,
-        resources={"metadata": {"path": str(tmp_path)}},
-    )
-    client.execute()
+    run_in_kernel(notebook, tmp_path)
     printed = "\n".join(output_text(cell) for cell in notebook.cells)
     errors = [out for cell in notebook.cells for out in cell.outputs if out.output_type == "error"]
     assert errors == []

@@ -1,9 +1,9 @@
 """Where worker processes write crash reports, and the cleanup of directories left behind.
 
-Each process pool gets a private directory (``py_stateful_map-<parent pid>-XXXXXXXX`` in the
-system temp dir) for its workers' ``faulthandler`` output; closing the pool removes it. A
-parent that is killed cannot, so every new pool first removes the directories of parents that
-no longer exist, as ``_shared_memory.sweep_orphans`` does for shared-memory segments.
+Each process pool gets a private directory (``py_stateful_map-<parent pid>-<random suffix>``
+in the system temp dir) for its workers' ``faulthandler`` output; closing the pool removes
+it. A parent that is killed cannot, so every new pool first removes the directories of
+parents that no longer exist, as ``_shared_memory.sweep_orphans`` does for shared memory.
 """
 
 from __future__ import annotations
