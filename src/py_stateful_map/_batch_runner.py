@@ -4,7 +4,7 @@ This runs inside a worker. The worker loop hands :meth:`BatchRunner.run` a chunk
 of items and gets back one value or one exception per item; no item is lost or
 returned twice, whatever the state raises.
 
-    chunk -> sub-batches of the working size -> collate_fn -> state(batch)
+    chunk -> sub-batches of the working size -> collate_fn -> prepare -> state(batch)
           -> results moved to the CPU -> split into one result per item
 
 Two failure policies, chosen by what was raised:
@@ -28,10 +28,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._prefetch import BatchPreparer
+
 __all__ = ["BatchOutcome", "BatchRunner", "is_out_of_memory", "move_to_cpu", "split_batch_result"]
 
 _OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
 _MAX_GROW_AFTER = 1024
+
+
+def _is_interrupt(error: BaseException) -> bool:
+    """Used alone, the runner lets the user's Ctrl-C through; workers pass their own rule."""
+    return isinstance(error, KeyboardInterrupt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +81,9 @@ class BatchRunner:
         collate_fn: Callable[[list[Any]], Any] | None = None,
         *,
         grow_after: int = 8,
+        prepare: Callable[[Any], Any] | None = None,
+        prefetch: int = 1,
+        propagates: Callable[[BaseException], bool] = _is_interrupt,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, not {batch_size!r}")
@@ -81,12 +91,15 @@ class BatchRunner:
             raise ValueError(f"grow_after must be >= 1, not {grow_after!r}")
         self._state = state
         self._collate = collate_fn
+        # collate_fn, then the worker's prepare(batch), ahead on one thread: see _prefetch
+        self._batches = BatchPreparer(collate_fn, prepare, prefetch)
         self._batch_size = batch_size
         self._size = batch_size
         self._grow_after = grow_after
         self._streak = 0
         self._size_was_grown = False
         self._backoffs = 0
+        self._propagates = propagates
 
     @property
     def batch_size(self) -> int:
@@ -98,17 +111,22 @@ class BatchRunner:
         """The sub-batch size used next: ``batch_size`` until memory runs out."""
         return self._size
 
-    def run(self, items: Sequence[Any]) -> BatchOutcome:
-        """Run every item once; return one value or exception per item."""
-        chunk = _Chunk(list(items))
+    def run(self, items: Sequence[Any], first_index: int = 0) -> BatchOutcome:
+        """Run every item once; return one value or exception per item.
+
+        ``first_index`` is the map position of ``items[0]``, so errors can name items.
+        """
+        chunk = _Chunk(list(items), first_index)
         backoffs_before = self._backoffs
-        self._run_in_steps(chunk, 0, len(chunk.items))
+        with self._batches.chunk(chunk.items):
+            self._run_in_steps(chunk, 0, len(chunk.items))
         return BatchOutcome(chunk.values, chunk.errors, self._backoffs - backoffs_before)
 
     def _run_in_steps(self, chunk: _Chunk, start: int, stop: int) -> None:
         """Run items[start:stop] in sub-batches of the working size (which may shrink)."""
         while start < stop:
             end = min(start + self._size, stop)
+            self._batches.look_ahead(end, stop, self._size)
             self._run_span(chunk, start, end)
             start = end
 
@@ -133,17 +151,25 @@ class BatchRunner:
             self._run_in_steps(chunk, start, middle)
             self._run_in_steps(chunk, middle, stop)
 
-    def _try_call(self, chunk: _Chunk, start: int, stop: int) -> Exception | None:
-        """Call the state on items[start:stop]; store the results, or return the error."""
-        sub_batch = chunk.items[start:stop]
+    def _try_call(self, chunk: _Chunk, start: int, stop: int) -> BaseException | None:
+        """Call the state on items[start:stop]; store the results, or return the error.
+
+        Whatever escapes user code (``StopIteration``, ``SystemExit``...) is that batch's
+        error, except what ``self._propagates`` says belongs to the caller (the user's Ctrl-C
+        when the worker runs in the caller's thread).
+        """
         try:
-            value = self._state(sub_batch if self._collate is None else self._collate(sub_batch))
-        except Exception as exc:
+            value = self._state(self._batches.take(start, stop))
+        except BaseException as exc:
+            if self._propagates(exc):
+                raise
             return exc
         try:
             chunk.succeed(start, split_batch_result(move_to_cpu(value), stop - start))
         except Exception as exc:  # e.g. the wrong number of results: no retry would help
-            chunk.fail(start, stop, exc)
+            first = chunk.first_index + start
+            note = f"the batched call on items {first}..{first + stop - start - 1}"
+            chunk.fail(start, stop, type(exc)(f"{note}: {exc}") if _rebuildable(exc) else exc)
         return None
 
     def _note_success(self, span: int) -> None:
@@ -167,8 +193,9 @@ class BatchRunner:
 class _Chunk:
     """The items of one ``run`` call and what each produced so far."""
 
-    def __init__(self, items: list[Any]) -> None:
+    def __init__(self, items: list[Any], first_index: int = 0) -> None:
         self.items = items
+        self.first_index = first_index
         self.values: list[Any] = [None] * len(items)
         self.errors: dict[int, BaseException] = {}
 
@@ -178,6 +205,11 @@ class _Chunk:
     def fail(self, start: int, stop: int, error: BaseException) -> None:
         for position in range(start, stop):
             self.errors[position] = error
+
+
+def _rebuildable(error: Exception) -> bool:
+    """Errors of our own splitting code, which can be re-raised with the items named."""
+    return type(error) in (ValueError, TypeError)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

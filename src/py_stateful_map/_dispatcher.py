@@ -19,6 +19,7 @@ Execution is therefore at-least-once for items that were running on a worker tha
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from ._worker_stats import WorkerSlot
 from .backends.base import Backend
 from .errors import (
     PoolBrokenError,
+    PoolError,
     SerializationError,
     TaskTimeoutError,
     describe_exit,
@@ -83,6 +85,19 @@ class Completion:
     payload_bytes: int = 0  # size of the results as transported, for the chunk sizer
 
 
+def closed_message() -> str:
+    return "this pool is closed (close() was called, or its with-block ended)"
+
+
+def _miscount_error(slot: WorkerSlot, chunk: Chunk, answered: int) -> PoolError:
+    """A worker answered a chunk with the wrong number of outcomes: never a short chunk."""
+    last = chunk.start + len(chunk.items) - 1
+    return PoolError(
+        f"worker {slot.index} (pid {slot.pid}{slot.device_note}) answered {answered} outcomes "
+        f"for the {len(chunk.items)} items {chunk.start}..{last}; none of them can be trusted"
+    )
+
+
 @dataclass
 class FaultPolicy:
     """The user's fault-tolerance options, validated by the pool."""
@@ -107,6 +122,10 @@ class Dispatcher:
     busy: bool = False  # a map() is in progress
     map_seconds: float = 0.0  # wall time spent inside map() calls, for items/s
     broken: bool = False  # the pool gave up; every later map() fails
+    closed: bool = False  # close() began: no worker may start from now on
+    #: Held by whoever drives the workers (a map step, or close()): a close() from another
+    #: thread waits for the map's current step instead of tearing down under it.
+    lock: threading.RLock = field(default_factory=threading.RLock)
     _retry: deque[Chunk] = field(default_factory=deque)
     _completions: list[Completion] = field(default_factory=list)
     _next_chunk_id: int = 0
@@ -140,6 +159,8 @@ class Dispatcher:
             self._check_init_deadlines(fail=True)
 
     def _start(self, slot: WorkerSlot) -> None:
+        if self.closed:
+            raise PoolBrokenError(closed_message())
         slot.mark_starting()
         self.backend.start_worker(slot.index)
         slot.pid = self.backend.pid(slot.index)
@@ -238,7 +259,9 @@ class Dispatcher:
             chunk = self._pop_running(slot, message.chunk_id)
             slot.record_chunk(len(chunk.items), message.busy_seconds, message.oom_backoffs)
             values, errors = message.payload
-            if chunk.run_id == self.run_id:
+            if len(values) != len(chunk.items):
+                self._complete_with_error(chunk, _miscount_error(slot, chunk, len(values)))
+            elif chunk.run_id == self.run_id:
                 self._completions.append(
                     Completion(chunk, values, errors, message.busy_seconds, message.payload_bytes)
                 )

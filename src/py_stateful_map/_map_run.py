@@ -20,11 +20,12 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
-from itertools import chain, islice, repeat
+from itertools import chain, repeat
 from typing import Any, Generic
 
 from ._chunking import ChunkSizer
-from ._dispatcher import Chunk, Completion, Dispatcher
+from ._dispatcher import Chunk, Completion, Dispatcher, closed_message
+from ._input import reader_for
 from ._protocol import ItemError
 from .errors import PoolBrokenError, PoolBusyError, RemoteTraceback
 from .results import ExceptionBehavior, T, WorkerResultWrapper
@@ -45,9 +46,12 @@ class MapRun:
         ordered: bool,
         behavior: ExceptionBehavior,
         sizer: ChunkSizer,
+        read_input_in_thread: bool = True,
     ) -> None:
         self._dispatcher = dispatcher
-        self._source: Iterator[Any] = iter(source)
+        self._reader = reader_for(
+            source, sizer.window_items, dispatcher.backend.wake, threaded=read_input_in_thread
+        )
         self._length = length
         self._ordered = ordered
         self._behavior = behavior
@@ -69,6 +73,9 @@ class MapRun:
         chunk, not once per item.
         """
         dispatcher = self._dispatcher
+        if dispatcher.closed:
+            self._reader.close()
+            raise PoolBrokenError(closed_message())
         if dispatcher.busy:
             raise PoolBusyError(
                 "another map() on this pool is still in progress; consume or close() it first"
@@ -80,22 +87,19 @@ class MapRun:
         try:
             yield from self._run()
         finally:
+            self._reader.close()
             dispatcher.map_seconds += time.monotonic() - started
             dispatcher.busy = False
             dispatcher.end_run()
 
     def _run(self) -> Iterator[Iterator[WorkerResultWrapper[Any]]]:
         ready = self._ready
+        dispatcher = self._dispatcher
         while True:
-            if self._failure is None:
-                self._fill()
-            # Wait for workers whenever items are out or more input awaits a worker that is
-            # (re)starting: never spin, never wait when nothing can happen.
-            if self._in_progress or not (self._input_done or self._failure is not None):
-                for completion in self._dispatcher.poll(0.0 if ready else None):
-                    self._accept(completion)
-                if self._failure is not None:  # wait only for what is on a worker now
-                    self._in_progress -= self._dispatcher.drop_retries()
+            with dispatcher.lock:  # a close() from another thread waits for this step
+                if dispatcher.closed:
+                    raise PoolBrokenError(f"{closed_message()}; this map was still running")
+                self._step()
             while ready:
                 yield _wrap(*ready.popleft())
             if not self._in_progress and (self._input_done or self._failure is not None):
@@ -104,6 +108,18 @@ class MapRun:
             raise self._failure
         if self._input_error is not None:
             raise self._input_error
+
+    def _step(self) -> None:
+        """Send what can be sent, then wait for the workers (or new input) once."""
+        if self._failure is None:
+            self._fill()
+        # Wait whenever items are out, or input is awaited (from a feeder thread, or for a
+        # worker that is restarting): never spin, never wait when nothing can happen.
+        if self._in_progress or not (self._input_done or self._failure is not None):
+            for completion in self._dispatcher.poll(0.0 if self._ready else None):
+                self._accept(completion)
+            if self._failure is not None:  # wait only for what is on a worker now
+                self._in_progress -= self._dispatcher.drop_retries()
 
     # -- reading and dispatching ----------------------------------------------------------
 
@@ -135,15 +151,12 @@ class MapRun:
         return None if self._length is None else self._length - self._next_read
 
     def _read(self, size: int) -> list[Any]:
-        items: list[Any] = []
-        try:
-            items.extend(islice(self._source, size))  # keeps what was read if the input raises
-        except Exception as exc:
-            self._input_error = exc
+        reader = self._reader
+        reader.capacity = self._sizer.window_items
+        items = reader.read(size)
+        if reader.exhausted:
             self._input_done = True
-            return items
-        if len(items) < size:
-            self._input_done = True
+            self._input_error = reader.error
         return items
 
     # -- completions ----------------------------------------------------------------------
@@ -211,7 +224,10 @@ class MapResult(Generic[T]):
             [Iterator[WorkerResultWrapper[T]], int | None], Iterator[WorkerResultWrapper[T]]
         ]
         | None = None,
+        *,
+        owner: object = None,
     ) -> None:
+        self._owner = owner  # the pool: alive while its map is, even if the caller dropped it
         self._batches = batches
         self._items: Iterator[WorkerResultWrapper[T]] = chain.from_iterable(batches)
         if decorate is not None:

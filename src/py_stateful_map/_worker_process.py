@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import dataclasses
 import faulthandler
+import multiprocessing.util
 import os
 import select
 import signal
@@ -31,7 +32,7 @@ from typing import Any, NoReturn
 from ._protocol import ChunkDone, ChunkUnreadable, InitFailed, ItemError, Ready, RunChunk, Stop
 from ._serialization import Codec, dumps, loads
 from ._shared_memory import Descriptor, SegmentPool, available, prefix_for, unlink_prefix
-from ._worker_runtime import WorkerRuntime, format_exception_text
+from ._worker_runtime import WorkerRuntime, report_error
 from .errors import SerializationError
 
 #: Exit status of a worker whose parent disappeared (hang-up on its pipe).
@@ -65,8 +66,8 @@ def worker_process_main(
         greeting: Ready | InitFailed = runtime.start()
         if isinstance(greeting, Ready):  # count the imports unpickling the worker triggered
             greeting = dataclasses.replace(greeting, init_seconds=time.perf_counter() - started)
-    except Exception as exc:  # e.g. the worker class cannot be imported here
-        greeting = InitFailed(pid=os.getpid(), payload=(exc, format_exception_text(exc)))
+    except BaseException as exc:  # e.g. the worker's module cannot be imported here
+        greeting = InitFailed(pid=os.getpid(), payload=report_error(exc))
     _send(conn, codec, greeting)
     if isinstance(greeting, InitFailed):
         return
@@ -79,8 +80,25 @@ def worker_process_main(
         if isinstance(task, Stop):
             if pool is not None:
                 pool.close()
-            return
+            _exit_without_waiting_for_threads()
         _send(conn, codec, run_encoded_chunk(runtime, codec, task, raw_items, descriptors))
+
+
+def _exit_without_waiting_for_threads() -> NoReturn:
+    """Leave as ``multiprocessing`` would, except for waiting on non-daemon threads.
+
+    ``BaseProcess._bootstrap`` (CPython Lib/multiprocessing/process.py) runs the finalizers
+    (``util._exit_function``), then ``threading._shutdown()``, which waits forever for any
+    non-daemon thread user code started (a metrics client, a forgotten executor): a stopped
+    or recycled worker would linger beside its successor. We run the same finalizers and skip
+    only that wait.
+    """
+    with contextlib.suppress(Exception):
+        multiprocessing.util._exit_function()  # type: ignore[attr-defined]
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
 
 
 def _exit_parent_gone(parent_pid: int) -> NoReturn:

@@ -29,6 +29,7 @@ class WorkerSpec:
     argument_passing: ArgumentPassing = ArgumentPassing.AS_SINGLE_ARG
     batch_size: int | None = None
     collate_fn: Callable[[list[Any]], Any] | None = None
+    prefetch: int = 1  # batches whose prepare(batch) runs ahead, when the worker defines it
 
     @property
     def is_stateful(self) -> bool:
@@ -38,6 +39,22 @@ class WorkerSpec:
 def format_exception_text(exc: BaseException) -> str:
     """The worker-side traceback as text, the only form that can reach the parent."""
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def report_error(exc: BaseException) -> tuple[BaseException, str]:
+    """Format ``exc``'s traceback, then drop its frames and chain: the text carries them.
+
+    A traceback's frames hold every local of the failing call — for a GPU worker, the batch
+    on the device — until the exception object dies, which in the threads and inline backends
+    is whenever the caller lets go of it. ``concurrent.futures.process._ExceptionWithTraceback``
+    clears them for the same reason. The chain (``__cause__``/``__context__``) is in the text,
+    so dropping it also keeps the caller from printing the worker's frames twice.
+    """
+    text = format_exception_text(exc)
+    exc.__traceback__ = None
+    exc.__cause__ = None
+    exc.__context__ = None
+    return exc, text
 
 
 def _item_caller(state: Any, passing: ArgumentPassing) -> Callable[[Any], Any]:
@@ -50,40 +67,81 @@ def _item_caller(state: Any, passing: ArgumentPassing) -> Callable[[Any], Any]:
     return state  # type: ignore[no-any-return]
 
 
+def never_propagates(exc: BaseException) -> bool:
+    """In a worker of its own, whatever user code raises is the item's error."""
+    return False
+
+
+def propagates_interrupts(exc: BaseException) -> bool:
+    """In the caller's thread a ``KeyboardInterrupt`` is the user's Ctrl-C: let it through."""
+    return isinstance(exc, KeyboardInterrupt)
+
+
+def stop_iteration_error(item: str) -> RuntimeError:
+    """What an item that let ``StopIteration`` escape gets, as PEP 479 does for generators.
+
+    ``map()`` inside ``list.extend`` ends quietly on a ``StopIteration`` from the call, so the
+    exception object is gone by the time the short count shows it; the fast path stays free of
+    a per-item wrapper instead of keeping it.
+    """
+    return RuntimeError(
+        f"{item} raised StopIteration, which ends any iterator it escapes into "
+        "(see PEP 479); catch it in the worker or raise another exception"
+    )
+
+
 def run_items(
-    call: Callable[[Any], Any], items: list[Any]
+    call: Callable[[Any], Any],
+    items: list[Any],
+    propagates: Callable[[BaseException], bool] = never_propagates,
+    first_index: int = 0,
 ) -> tuple[list[Any], list[ItemError] | None]:
-    """Call ``call`` on each item, keeping going past failures.
+    """Call ``call`` on each item, keeping going past failures; one outcome per item.
 
     ``list.extend(map(...))`` runs the loop in C and keeps the values produced before an
     exception, so the failing item is at ``len(values)`` and the loop resumes after it: tiny
-    tasks pay only for the call itself.
+    tasks pay only for the call itself. A ``StopIteration`` from ``call`` ends ``map`` quietly
+    instead: a short count after a normal return means item ``len(values)`` raised it.
     """
     values: list[Any] = []
     errors: list[ItemError] | None = None
     count = len(items)
-    while True:
+    while len(values) < count:
         position = len(values)
+        error: BaseException
         try:
             values.extend(map(call, items[position:] if position else items))
-        except Exception as exc:
-            offset = len(values)
-            values.append(None)
-            if errors is None:
-                errors = []
-            errors.append((offset, exc, format_exception_text(exc)))
-            if offset + 1 < count:
-                continue
-        return values, errors
+        except BaseException as exc:
+            if propagates(exc):
+                raise
+            error = exc
+        else:
+            if len(values) == count:
+                break
+            error = stop_iteration_error(f"item {first_index + len(values)}")
+        if errors is None:
+            errors = []
+        offset = len(values)
+        values.append(None)
+        errors.append((offset, *report_error(error)))
+    return values, errors
+
+
+#: One chunk's values, per-item errors and OOM back-offs.
+_Outcome = tuple[list[Any], list[ItemError] | None, int]
+#: Runs a chunk's items; the int is the map position of the first one (for messages).
+_Runner = Callable[[list[Any], int], _Outcome]
 
 
 class WorkerRuntime:
     """The state of one worker and the step that turns a chunk into its results."""
 
-    def __init__(self, spec: WorkerSpec) -> None:
+    def __init__(
+        self, spec: WorkerSpec, propagates: Callable[[BaseException], bool] = never_propagates
+    ) -> None:
         self._spec = spec
-        self._run: Callable[[list[Any]], tuple[list[Any], list[ItemError] | None, int]] | None
-        self._run = None
+        self._propagates = propagates
+        self._run: _Runner | None = None
 
     def start(self) -> Ready | InitFailed:
         """Build the user's state; report success or the constructor's exception."""
@@ -92,31 +150,39 @@ class WorkerRuntime:
         try:
             state = spec.target(**spec.init_kwargs) if spec.is_stateful else spec.target
             self._run = self._make_runner(state)
-        except Exception as exc:
-            return InitFailed(pid=os.getpid(), payload=(exc, format_exception_text(exc)))
+        except BaseException as exc:  # sys.exit() in __init__ is a failed start, never a hang
+            if self._propagates(exc):
+                raise
+            return InitFailed(pid=os.getpid(), payload=report_error(exc))
         return Ready(pid=os.getpid(), init_seconds=time.perf_counter() - started)
 
-    def _make_runner(
-        self, state: Any
-    ) -> Callable[[list[Any]], tuple[list[Any], list[ItemError] | None, int]]:
+    def _make_runner(self, state: Any) -> _Runner:
         spec = self._spec
         if spec.batch_size is None:
             call = _item_caller(state, spec.argument_passing)
+            propagates = self._propagates
 
-            def run_unbatched(items: list[Any]) -> tuple[list[Any], list[ItemError] | None, int]:
-                values, errors = run_items(call, items)
+            def run_unbatched(items: list[Any], first_index: int) -> _Outcome:
+                values, errors = run_items(call, items, propagates, first_index)
                 return values, errors, 0
 
             return run_unbatched
         from ._batch_runner import BatchRunner
+        from ._prefetch import prepare_of
 
-        runner = BatchRunner(state, batch_size=spec.batch_size, collate_fn=spec.collate_fn)
+        runner = BatchRunner(
+            state,
+            batch_size=spec.batch_size,
+            collate_fn=spec.collate_fn,
+            propagates=self._propagates,
+            prepare=prepare_of(state),
+            prefetch=spec.prefetch,
+        )
 
-        def run_batched(items: list[Any]) -> tuple[list[Any], list[ItemError] | None, int]:
-            outcome = runner.run(items)
+        def run_batched(items: list[Any], first_index: int) -> _Outcome:
+            outcome = runner.run(items, first_index)
             errors: list[ItemError] | None = [
-                (offset, exc, format_exception_text(exc))
-                for offset, exc in sorted(outcome.errors.items())
+                (offset, *report_error(exc)) for offset, exc in sorted(outcome.errors.items())
             ] or None
             return outcome.values, errors, outcome.oom_backoffs
 
@@ -126,7 +192,7 @@ class WorkerRuntime:
         """Run one chunk whose items are already unpickled."""
         assert self._run is not None, "start() must succeed before chunks are run"
         started = time.perf_counter()
-        values, errors, backoffs = self._run(items)
+        values, errors, backoffs = self._run(items, task.start)
         return ChunkDone(
             chunk_id=task.chunk_id,
             start=task.start,

@@ -12,13 +12,15 @@ from __future__ import annotations
 import inspect
 import logging
 import multiprocessing
+import os
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Generic
+from typing import Any, Generic, NoReturn
 
 from ._chunking import ChunkSizer
 from ._dispatcher import Dispatcher, FaultPolicy
 from ._map_run import MapResult, MapRun
+from ._prefetch import check_prefetch, chunk_batches
 from ._progress import ProgressOption, ResultCallback, resolve_progress, with_progress
 from ._worker_runtime import WorkerSpec
 from ._worker_stats import WorkerSlot
@@ -68,7 +70,10 @@ class StateFullWorkerPool(Generic[T]):
     an iterable and takes ``total=``, e.g. ``rich.progress.track``); ``on_result`` is called
     with each result as the caller receives it. ``worker_env_arr`` sets environment variables
     in each worker process before any user code is imported (e.g. ``OMP_NUM_THREADS``).
-    ``batch_size`` hands the worker lists of items (see ``DevicePool``). With
+    ``batch_size`` hands the worker lists of items (see ``DevicePool``); a worker class that
+    defines ``prepare(batch)`` is called as ``__call__(prepare(batch))``, with ``prepare`` of
+    the next ``prefetch`` batches (default 1; 0 = inline) running on one background thread
+    while ``__call__`` runs. With
     ``backend="ray"`` each worker is a Ray actor: ``ray_address`` picks the cluster (else an
     initialized Ray, else ``RAY_ADDRESS``, else a local instance) and ``ray_actor_options``
     (one dict per worker, e.g. ``{"num_gpus": 0.5}``) is passed to ``.options()``.
@@ -95,6 +100,7 @@ class StateFullWorkerPool(Generic[T]):
         *,
         batch_size: int | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
+        prefetch: int = 1,
         worker_env_arr: Sequence[dict[str, str]] | None = None,
         worker_device_arr: Sequence[str] | None = None,
         init_concurrency: int | None = None,
@@ -102,6 +108,7 @@ class StateFullWorkerPool(Generic[T]):
         on_result: ResultCallback | None = None,
         ray_address: str | None = None,
         ray_actor_options: Sequence[dict[str, Any]] | None = None,
+        read_input_in_thread: bool = True,
     ) -> None:
         backend = "threads" if use_threads else backend
         if num_workers == 0:
@@ -120,6 +127,7 @@ class StateFullWorkerPool(Generic[T]):
             task_timeout,
             batch_size,
             max_tasks_per_worker,
+            init_timeout,
         )
         self._slot_count = max(1, num_workers)
         self.backend_name = backend
@@ -127,8 +135,15 @@ class StateFullWorkerPool(Generic[T]):
         self._join_timeout = join_timeout
         self._progress = resolve_progress(progress)
         self._on_result = on_result
+        self._read_input_in_thread = read_input_in_thread
+        self._owner_pid = os.getpid()
         # A batch is one call, so it is the unit a task_timeout can time; otherwise time items.
         self._chunk_size = batch_size or (1 if task_timeout is not None else chunk_size)
+        prefetch = check_prefetch(prefetch)
+        if batch_size is not None:  # several batches, so prepare(next) overlaps __call__
+            self._chunk_size = batch_size * chunk_batches(
+                worker_class_or_func, prefetch, task_timeout
+            )
         self.start_method = start_method or default_start_method()
         specs = [
             WorkerSpec(
@@ -137,6 +152,7 @@ class StateFullWorkerPool(Generic[T]):
                 argument_passing=ArgumentPassing(argument_passing),
                 batch_size=batch_size,
                 collate_fn=collate_fn,
+                prefetch=prefetch,
             )
             for per_worker in (worker_kwarg_dict_arr or [{}] * self._slot_count)
         ]
@@ -156,7 +172,9 @@ class StateFullWorkerPool(Generic[T]):
         self._ray_actor_options = list(ray_actor_options or [{}] * self._slot_count)
         self._backend = self._make_backend(specs, envs)
         self._closed = False
-        self._finalizer = weakref.finalize(self, self._backend.shutdown, 0.0, cancel=True)
+        self._finalizer = weakref.finalize(
+            self, _shutdown_if_owner, self._backend, self._owner_pid
+        )
         slots = [WorkerSlot(index=i, device=devices[i]) for i in range(self._slot_count)]
         policy = FaultPolicy(
             max_retries,
@@ -215,6 +233,7 @@ class StateFullWorkerPool(Generic[T]):
             ordered=not is_unordered,
             behavior=self._behavior,
             sizer=ChunkSizer(self._slot_count, self._chunk_size, self._backend.chunk_policy),
+            read_input_in_thread=self._read_input_in_thread,
         )
         decorate = None
         if self._progress is not None or self._on_result is not None:
@@ -223,7 +242,7 @@ class StateFullWorkerPool(Generic[T]):
             def decorate(items: Iterator[Any], total: int | None) -> Iterator[Any]:
                 return with_progress(items, total, bar, on_result)
 
-        return MapResult(run.batches(), length, decorate)
+        return MapResult(run.batches(), length, decorate, owner=self)
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -240,25 +259,44 @@ class StateFullWorkerPool(Generic[T]):
         )
 
     def close(self, *, cancel: bool = False) -> None:
-        """Stop every worker: let each finish its current chunk, then terminate stragglers."""
-        if self._closed:
-            return
-        self._closed = True
+        """Stop every worker: let each finish its current chunk, then terminate stragglers.
+
+        Safe from any thread: a map being consumed elsewhere raises ``PoolBrokenError`` at its
+        next step (within about a second on Ray, at once elsewhere), and no worker starts
+        after ``close()`` began. In a process forked from the pool's owner it does nothing:
+        the workers belong to the owner.
+        """
         if self._join_timeout is not None:
             grace = self._join_timeout
         else:
             grace = DEFAULT_CANCEL_GRACE if cancel else DEFAULT_JOIN_TIMEOUT
-        self._finalizer.detach()
-        self._backend.shutdown(grace, cancel=cancel)
+        self._stop(grace, cancel=cancel)
         logger.info("stopped %d %s worker(s)", self._slot_count, self.backend_name)
 
     def terminate(self) -> None:
         """Stop every worker now, without waiting for running items."""
-        if self._closed:
+        self._stop(0.0, cancel=True)
+
+    def _stop(self, grace: float, *, cancel: bool) -> None:
+        if self._closed or os.getpid() != self._owner_pid:
             return
         self._closed = True
         self._finalizer.detach()
-        self._backend.shutdown(0.0, cancel=True)
+        dispatcher = getattr(self, "_dispatcher", None)
+        if dispatcher is None:  # failed while building: nothing runs a map yet
+            self._backend.shutdown(grace, cancel=cancel)
+            return
+        dispatcher.closed = True
+        self._backend.wake()  # a map blocked in another thread lets go of the lock
+        with dispatcher.lock:
+            self._backend.shutdown(grace, cancel=cancel)
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            f"a {type(self).__name__} cannot be pickled or sent to a worker: it owns live "
+            "worker processes and pipes. Pass what the worker needs (e.g. its kwargs) instead, "
+            "or chain pools in the caller: pool_b.map(pool_a.map(items))"
+        )
 
     def __enter__(self) -> StateFullWorkerPool[T]:
         return self
@@ -286,6 +324,7 @@ def _validate(
     task_timeout: float | None,
     batch_size: int | None,
     max_tasks_per_worker: int | None,
+    init_timeout: float | None,
 ) -> None:
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
@@ -313,11 +352,16 @@ def _validate(
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")
     if max_retries < 0:
         raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-    if task_timeout is not None and backend not in KILLABLE_BACKENDS:
-        raise ValueError(
-            f"task_timeout needs backend='processes' or 'ray': a stuck {backend} worker "
-            "cannot be killed, only a process can"
-        )
+    for name, timeout in (("task_timeout", task_timeout), ("init_timeout", init_timeout)):
+        if timeout is None:
+            continue
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise ValueError(f"{name} must be a number of seconds > 0 or None, got {timeout!r}")
+        if backend not in KILLABLE_BACKENDS:
+            raise ValueError(
+                f"{name} needs backend='processes' or 'ray': a stuck {backend} worker "
+                "cannot be killed, only a process can"
+            )
     if task_timeout is not None and chunk_size not in (None, 1):
         raise ValueError("task_timeout times each item, so it needs chunk_size=None or 1")
     if (
@@ -325,6 +369,16 @@ def _validate(
         and ArgumentPassing(argument_passing) is not ArgumentPassing.AS_SINGLE_ARG
     ):
         raise ValueError("batch_size hands the worker a list of items: use AS_SINGLE_ARG")
+
+
+def _shutdown_if_owner(backend: Backend, owner_pid: int) -> None:
+    """The finalizer of a pool that was dropped unclosed (or still open at exit).
+
+    A child forked from the owner (``os.fork()``) runs the same finalizers at its exit; the
+    workers are not its to stop.
+    """
+    if os.getpid() == owner_pid:
+        backend.shutdown(0.0, cancel=True)
 
 
 def _refuse_fork_after_cuda(start_method: str) -> None:

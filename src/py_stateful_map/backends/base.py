@@ -18,8 +18,6 @@ class Backend(Protocol):
     something to say *or has died*, so a dead worker can never leave the parent waiting.
     """
 
-    #: Whether a stuck worker can be killed (processes yes, threads no).
-    can_kill: bool
     #: Whether a worker's answer to a chunk is always delivered before it reads the next one,
     #: so that at its death the oldest chunk in hand is the one that was running.
     answers_in_order: bool
@@ -38,8 +36,17 @@ class Backend(Protocol):
     def wait(self, timeout: float | None) -> list[Event]:
         """Block until at least one event or until ``timeout`` seconds pass."""
 
+    def wake(self) -> None:
+        """Make a ``wait`` blocked in another thread return soon (thread-safe).
+
+        ``close()`` from another thread uses it, so the consumer of a map notices promptly.
+        """
+
     def kill(self, index: int) -> None:
-        """End worker ``index`` now; its ``WorkerExited`` event follows from ``wait``."""
+        """End worker ``index`` now; its ``WorkerExited`` event follows from ``wait``.
+
+        Only the backends the pool lists as able to kill (processes, Ray) are ever asked.
+        """
 
     def retire(self, index: int) -> None:
         """Let worker ``index`` exit once idle and forget it, so a fresh one can take its slot."""

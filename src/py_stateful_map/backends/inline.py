@@ -7,24 +7,28 @@ worker behaves as in a plain loop, and tracebacks are local.
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 
 from .._chunking import LOCAL_POLICY
 from .._protocol import RunChunk, ToWorker
-from .._worker_runtime import WorkerRuntime, WorkerSpec
+from .._worker_runtime import WorkerRuntime, WorkerSpec, propagates_interrupts
 from .base import Event
+
+#: Longest single wait for input while no answer can come.
+_IDLE_WAIT_SECONDS = 0.1
 
 
 class InlineBackend:
     """Run the one worker in the caller's thread."""
 
-    can_kill = False
     answers_in_order = True
     chunk_policy = LOCAL_POLICY
 
     def __init__(self, spec: WorkerSpec) -> None:
-        self._runtime = WorkerRuntime(spec)
+        self._runtime = WorkerRuntime(spec, propagates_interrupts)
         self._events: deque[Event] = deque()
+        self._woken = threading.Event()
 
     def start_worker(self, index: int) -> None:
         self._events.append((index, self._runtime.start()))
@@ -38,12 +42,20 @@ class InlineBackend:
         return os.getpid()
 
     def wait(self, timeout: float | None) -> list[Event]:
+        if not self._events and timeout != 0:
+            # Only new input from a feeder thread can come (``wake``); bounded all the same,
+            # since nothing else here could end the wait.
+            self._woken.wait(_IDLE_WAIT_SECONDS if timeout is None else timeout)
+            self._woken.clear()
         events = list(self._events)
         self._events.clear()
         return events
 
+    def wake(self) -> None:
+        self._woken.set()
+
     def kill(self, index: int) -> None:
-        raise RuntimeError("the inline worker cannot be killed")  # callers check can_kill
+        raise RuntimeError("the inline worker cannot be killed")  # the pool refuses options
 
     def retire(self, index: int) -> None:
         """Nothing to stop: the next ``start_worker`` builds fresh state."""

@@ -29,6 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -52,15 +53,82 @@ logger = logging.getLogger("py_stateful_map")
 _POOL_IDS = itertools.count()  # tells apart the shared memory of pools in one process
 
 
-class ProcessBackend:
-    """Run each worker in its own process started with ``start_method``."""
+class _Channel:
+    """The parent's end of one worker's pipe, and its only writer.
 
-    can_kill = True
+    Every frame to the worker — chunks and ``Stop`` alike — goes through :meth:`enqueue`, so a
+    frame is never written on top of a partly written one, and no write ever blocks: what the
+    pipe cannot take now waits in the outbox until ``poll`` says the pipe is writable.
+    """
+
+    def __init__(self, conn: Connection, codec: Codec) -> None:
+        self.conn = conn
+        self.codec = codec
+        self._sock: socket.socket | None = socket.socket(fileno=conn.fileno())  # MSG_DONTWAIT
+        self._outbox: deque[memoryview] = deque()
+        self.at_eof = False
+
+    @property
+    def pending(self) -> bool:
+        """Whether bytes wait for the pipe to become writable."""
+        return bool(self._outbox)
+
+    def enqueue(self, frame: bytes) -> None:
+        self._outbox.append(memoryview(_connection_frame(frame)))
+        if len(self._outbox) == 1:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write as much of the outbox as the pipe takes now, without blocking."""
+        sock, outbox = self._sock, self._outbox
+        while outbox and sock is not None:
+            try:
+                sent = sock.send(outbox[0], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                outbox.clear()  # the worker died; its sentinel reports it, its chunks re-run
+                return
+            if sent == len(outbox[0]):
+                outbox.popleft()
+            else:
+                outbox[0] = outbox[0][sent:]
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.detach()  # the fd belongs to the Connection, which closes it
+            self._sock = None
+        self._outbox.clear()
+        self.conn.close()
+
+
+@dataclass(eq=False)
+class _Retiring:
+    """A worker told to stop (recycled): reaped when it exits, killed at ``deadline``."""
+
+    process: BaseProcess
+    channel: _Channel
+    deadline: float
+
+
+class ProcessBackend:
+    """Run each worker in its own process started with ``start_method``.
+
+    Only the process that created the backend may stop its workers: a child forked from the
+    caller (``os.fork()`` with a pool open) inherits the pipes, and its exit handlers must not
+    stop or restart the parent's workers.
+    """
+
     answers_in_order = True
     chunk_policy = LOCAL_POLICY
 
     def __init__(
-        self, specs: Sequence[WorkerSpec], envs: Sequence[dict[str, str]], start_method: str
+        self,
+        specs: Sequence[WorkerSpec],
+        envs: Sequence[dict[str, str]],
+        start_method: str,
+        *,
+        retire_grace: float = 10.0,
     ) -> None:
         self._ctx: Any = multiprocessing.get_context(start_method)
         self._start_method = start_method
@@ -69,19 +137,19 @@ class ProcessBackend:
         hint = "; install cloudpickle, or use backend='threads'"
         self._spec_bytes = pickle_specs(specs, dumps_by_value, "a worker process", hint)
         self._envs = list(envs)
+        self._owner_pid = os.getpid()
+        self._retire_grace = retire_grace
         count = len(specs)
         self._processes: list[BaseProcess | None] = [None] * count
-        self._conns: list[Connection | None] = [None] * count
-        self._sockets: list[socket.socket | None] = [None] * count  # same fd, for MSG_DONTWAIT
-        self._outboxes: list[deque[memoryview]] = [deque() for _ in range(count)]
-        self._at_eof: set[int] = set()
-        self._retiring: list[tuple[BaseProcess, Connection]] = []
+        self._channels: list[_Channel | None] = [None] * count
+        self._retiring: list[_Retiring] = []
         self._crash_dir = make_crash_dir()
         sweep_orphans()  # segments of earlier runs whose parent was killed mid-transfer
         own_prefix = f"{prefix_for(os.getpid())}p{next(_POOL_IDS)}-"
         self._segments = SegmentPool(own_prefix) if available() else None
-        self._codecs: list[Codec] = [Codec(self._segments) for _ in range(count)]
         self._worker_pids: set[int] = set()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._woken = False
 
     def _crash_log(self, index: int) -> Path:
         return self._crash_dir / f"worker-{index}.log"
@@ -104,111 +172,113 @@ class ProcessBackend:
         process.start()
         child_conn.close()  # only the child holds its end, so EOF reaches each side on death
         self._processes[index] = process
-        self._conns[index] = parent_conn
-        self._sockets[index] = socket.socket(fileno=parent_conn.fileno())
-        self._outboxes[index].clear()
-        self._codecs[index] = Codec(self._segments)
+        self._channels[index] = _Channel(parent_conn, Codec(self._segments))
         if process.pid is not None:
             self._worker_pids.add(process.pid)
-        self._at_eof.discard(index)
 
     def send(self, index: int, message: ToWorker) -> int:
-        sock = self._sockets[index]
-        if sock is None:
+        channel = self._channels[index]
+        if channel is None:
             return 0  # already reaped: its WorkerExited event carries the consequences
         try:
-            frame, payload_size = self._codecs[index].encode(message)
+            frame, payload_size = channel.codec.encode(message)
         except Exception as exc:
             raise SerializationError(f"{type(exc).__name__}: {exc}") from exc
-        outbox = self._outboxes[index]
-        outbox.append(memoryview(_connection_frame(frame)))
-        if len(outbox) == 1:
-            self._flush(index)
+        channel.enqueue(frame)
         return payload_size
-
-    def _flush(self, index: int) -> None:
-        """Write as much of the outbox as the pipe takes now, without blocking."""
-        sock, outbox = self._sockets[index], self._outboxes[index]
-        while outbox and sock is not None:
-            try:
-                sent = sock.send(outbox[0], socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            except OSError:
-                outbox.clear()  # the worker died; its sentinel reports it, its chunks re-run
-                return
-            if sent == len(outbox[0]):
-                outbox.popleft()
-            else:
-                outbox[0] = outbox[0][sent:]
 
     def pid(self, index: int) -> int | None:
         process = self._processes[index]
         return None if process is None else process.pid
 
+    def wake(self) -> None:
+        """Make a ``wait`` in another thread return now (``close()``, new input)."""
+        if self._wake_w >= 0:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._wake_w, b"!")
+
     def wait(self, timeout: float | None) -> list[Event]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             events = self._wait_once(deadline)
+            if self._woken:
+                self._woken = False
+                return events
             if events or (deadline is not None and time.monotonic() >= deadline):
                 return events
 
     def _wait_once(self, deadline: float | None) -> list[Event]:
-        """One ``poll()`` over pipes (read, and write while an outbox is pending) and sentinels."""
+        """One ``poll()`` over pipes (read, and write while an outbox waits) and sentinels."""
         poller = select.poll()
-        owner: dict[int, int] = {}
+        owner: dict[int, int] = {self._wake_r: _WAKE}
+        poller.register(self._wake_r, select.POLLIN)
         for index, process in enumerate(self._processes):
             if process is None:
                 continue
             owner[process.sentinel] = index
             poller.register(process.sentinel, select.POLLIN)
-            conn = self._conns[index]
-            if conn is not None and index not in self._at_eof:
-                owner[conn.fileno()] = index
-                flags = select.POLLIN | (select.POLLOUT if self._outboxes[index] else 0)
-                poller.register(conn.fileno(), flags)
-        for process, _ in self._retiring:
-            owner[process.sentinel] = -1
-            poller.register(process.sentinel, select.POLLIN)
-        if not owner:
-            return []
+            channel = self._channels[index]
+            if channel is not None and not channel.at_eof:
+                owner[channel.conn.fileno()] = index
+                flags = select.POLLIN | (select.POLLOUT if channel.pending else 0)
+                poller.register(channel.conn.fileno(), flags)
+        for retiring in self._retiring:
+            owner[retiring.process.sentinel] = _RETIRING
+            poller.register(retiring.process.sentinel, select.POLLIN)
+            if retiring.channel.pending:
+                owner[retiring.channel.conn.fileno()] = _RETIRING
+                poller.register(retiring.channel.conn.fileno(), select.POLLOUT)
+        if self._retiring:
+            first = min(retiring.deadline for retiring in self._retiring)
+            deadline = first if deadline is None else min(deadline, first)
         wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
         ready = _poll(poller, wait_ms)
         events: list[Event] = []
         died: list[int] = []
         for fd, flags in ready:
             index = owner[fd]
-            if index < 0:
-                self._reap_retired()
+            if index == _WAKE:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+                self._woken = True
+            elif index == _RETIRING:
+                continue  # handled below, whatever woke us
             elif process_sentinel(self._processes[index]) == fd:
                 died.append(index)
             else:
-                if flags & select.POLLOUT:
-                    self._flush(index)
+                channel = self._channels[index]
+                if channel is not None and flags & select.POLLOUT:
+                    channel.flush()
                 if flags & ~select.POLLOUT:
                     self._drain(index, events)
         for index in died:
             self._drain(index, events)  # results sent just before death come first
             events.append((index, self._reap(index)))
+        if self._retiring:
+            self._tend_retiring()
         return events
 
     def _drain(self, index: int, events: list[Event]) -> None:
-        conn = self._conns[index]
-        if conn is None or index in self._at_eof:
+        channel = self._channels[index]
+        if channel is None or channel.at_eof:
             return
         try:
-            while conn.poll():
-                events.append((index, decode_from_worker(self._codecs[index], conn.recv_bytes())))
+            while channel.conn.poll():
+                frame = channel.conn.recv_bytes()
+                events.append((index, decode_from_worker(channel.codec, frame)))
         except (EOFError, OSError):
-            self._at_eof.add(index)  # the sentinel will fire too; it reports the death
+            channel.at_eof = True  # the sentinel will fire too; it reports the death
 
     def _reap(self, index: int) -> WorkerExited:
         process = self._processes[index]
         assert process is not None
-        process.join(timeout=5)
-        self._close_channel(index)
+        process.join(timeout=_REAP_SECONDS)
+        channel = self._channels[index]
+        if channel is not None:
+            channel.codec.reclaim()
+            channel.close()
+        self._channels[index] = None
         self._processes[index] = None
-        self._codecs[index].reclaim()
         unlink_prefix(f"{prefix_for(os.getpid())}w{process.pid}-")
         return WorkerExited(
             pid=process.pid, exitcode=process.exitcode, crash_report=self._read_crash(index)
@@ -221,54 +291,60 @@ class ProcessBackend:
         except OSError:
             return ""
 
-    def _close_channel(self, index: int) -> None:
-        sock, conn = self._sockets[index], self._conns[index]
-        if sock is not None:
-            sock.detach()  # the fd belongs to the Connection, which closes it
-        if conn is not None:
-            conn.close()
-        self._sockets[index] = None
-        self._conns[index] = None
-        self._outboxes[index].clear()
-
     def kill(self, index: int) -> None:
         process = self._processes[index]
         if process is not None:
-            process.kill()
+            _kill(process)
 
     def retire(self, index: int) -> None:
-        """Ask worker ``index`` to exit once idle, and forget it; a new one may take its slot."""
-        process, conn = self._processes[index], self._conns[index]
-        if process is None or conn is None:
-            return
-        _send_stop(conn)
-        sock = self._sockets[index]
-        if sock is not None:
-            sock.detach()
-        self._sockets[index] = None
-        self._outboxes[index].clear()
-        self._retiring.append((process, conn))
-        self._processes[index] = self._conns[index] = None
+        """Ask worker ``index`` to exit once idle, and forget it; a new one may take its slot.
 
-    def _reap_retired(self) -> None:
-        still: list[tuple[BaseProcess, Connection]] = []
-        for process, conn in self._retiring:
-            if process.is_alive():
-                still.append((process, conn))
-            else:
-                process.join()
-                conn.close()
+        It is killed if it has not exited ``retire_grace`` seconds later (a non-daemon thread
+        of the user's, a stuck call): a recycled worker never lingers beside its successor.
+        """
+        process, channel = self._processes[index], self._channels[index]
+        if process is None or channel is None:
+            return
+        channel.enqueue(channel.codec.encode(Stop())[0])
+        deadline = time.monotonic() + self._retire_grace
+        self._retiring.append(_Retiring(process, channel, deadline))
+        self._processes[index] = None
+        self._channels[index] = None
+
+    def _tend_retiring(self) -> None:
+        """Flush Stop to retiring workers, reap those that exited, kill those past due."""
+        now = time.monotonic()
+        still: list[_Retiring] = []
+        for retiring in self._retiring:
+            retiring.channel.flush()
+            if retiring.process.is_alive() and now >= retiring.deadline:
+                logger.warning(
+                    "recycled worker pid %s did not exit within %ss; killing it",
+                    retiring.process.pid,
+                    self._retire_grace,
+                )
+                _kill(retiring.process)
+            if retiring.process.is_alive():
+                still.append(retiring)
+                continue
+            retiring.process.join(_REAP_SECONDS)
+            retiring.channel.close()
         self._retiring = still
 
     def shutdown(self, grace: float | None, *, cancel: bool) -> None:
-        live = [(p, c) for p, c in zip(self._processes, self._conns, strict=True) if p is not None]
-        live += self._retiring
-        for _, conn in live:
-            if conn is not None:
-                _send_stop(conn)
+        if os.getpid() != self._owner_pid:
+            return  # a forked copy of the caller: the workers are not ours to stop
+        live: list[tuple[BaseProcess, _Channel | None]] = [
+            (process, channel)
+            for process, channel in zip(self._processes, self._channels, strict=True)
+            if process is not None
+        ]
+        live += [(retiring.process, retiring.channel) for retiring in self._retiring]
+        for _, channel in live:
+            if channel is not None:
+                channel.enqueue(channel.codec.encode(Stop())[0])
         deadline = None if grace is None else time.monotonic() + grace
-        for process, _ in live:
-            process.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        _wait_for_exit(live, deadline)
         for process, _ in live:
             if process.is_alive():
                 log = logger.info if cancel else logger.warning  # cancelling: expected
@@ -276,19 +352,61 @@ class ProcessBackend:
                 process.terminate()
                 process.join(1.0)
             if process.is_alive():
-                process.kill()
-                process.join()
-        for index in range(len(self._processes)):
-            self._close_channel(index)
-        for _, conn in self._retiring:
-            conn.close()
+                _kill(process)
+            if process.is_alive():
+                logger.error(
+                    "worker pid %s survives SIGKILL (stuck in the kernel or a driver); "
+                    "leaving it behind",
+                    process.pid,
+                )
+        for _, channel in live:
+            if channel is not None:
+                channel.close()
         self._processes = [None] * len(self._processes)
+        self._channels = [None] * len(self._channels)
         self._retiring = []
+        wake_fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in wake_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         shutil.rmtree(self._crash_dir, ignore_errors=True)
         if self._segments is not None:
             self._segments.close()
         for pid in self._worker_pids:
             unlink_prefix(f"{prefix_for(os.getpid())}w{pid}-")
+
+
+#: ``owner`` markers in ``_wait_once`` for fds that belong to no live worker index.
+_WAKE = -1
+_RETIRING = -2
+#: Seconds to wait for a process that has exited (or was SIGKILLed) to be reaped. A process
+#: stuck in the kernel (an uninterruptible GPU driver call) survives SIGKILL: never wait
+#: forever for it.
+_REAP_SECONDS = 5.0
+
+
+def _kill(process: BaseProcess) -> None:
+    process.kill()
+    process.join(_REAP_SECONDS)
+
+
+def _wait_for_exit(live: list[tuple[BaseProcess, _Channel | None]], deadline: float | None) -> None:
+    """Until ``deadline``, keep flushing ``Stop`` frames and wait for the workers to exit."""
+    while True:
+        alive = [(p, c) for p, c in live if p.is_alive()]
+        if not alive:
+            return
+        poller = select.poll()
+        for process, channel in alive:
+            poller.register(process.sentinel, select.POLLIN)
+            if channel is not None and channel.pending:
+                channel.flush()
+                if channel.pending:
+                    poller.register(channel.conn.fileno(), select.POLLOUT)
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return
+        _poll(poller, None if remaining is None else max(1, int(remaining * 1000)))
 
 
 #: Heavy libraries worth importing once in the forkserver rather than once per worker, when
@@ -330,8 +448,3 @@ def _connection_frame(frame: bytes) -> bytes:
     if len(frame) > 0x7FFFFFFF:
         return _LONG.pack(-1, len(frame)) + frame
     return _SHORT.pack(len(frame)) + frame
-
-
-def _send_stop(conn: Connection) -> None:
-    with contextlib.suppress(OSError):  # already gone
-        conn.send_bytes(Codec().encode(Stop())[0])

@@ -182,7 +182,6 @@ class _Actor:
 class RayBackend:
     """Run each worker in a Ray actor (``ray_actor_options[i]`` goes to ``.options()``)."""
 
-    can_kill = True
     answers_in_order = False
     chunk_policy = REMOTE_POLICY
 
@@ -207,6 +206,7 @@ class RayBackend:
         self._token = f"{os.getpid()}-{next(_pool_numbers)}"
         self._incarnations = itertools.count()
         self._retiring: list[_Actor] = []
+        self._woken = False
         warn_if_unschedulable(self._ray, self._options)
 
     # -- Backend protocol -----------------------------------------------------------------------
@@ -235,12 +235,17 @@ class RayBackend:
         actor.next_seq += 1
         return payload_size
 
+    def wake(self) -> None:
+        """Make ``wait`` return after its current slice (at most ``_WAIT_SLICE_SECONDS``)."""
+        self._woken = True
+
     def wait(self, timeout: float | None) -> list[Event]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             events = self._collect()
             remaining = None if deadline is None else deadline - time.monotonic()
-            if events or (remaining is not None and remaining <= 0):
+            if events or (remaining is not None and remaining <= 0) or self._woken:
+                self._woken = False
                 return events
             blocking = self._blocking_refs()
             if not blocking:

@@ -49,10 +49,13 @@ class _ThreadWorker:
             self._events.put((self._index, WorkerExited(os.getpid(), 1, report)))
 
 
+#: Put on the event queue by ``wake``; carries nothing.
+_WAKE: Event = (-1, WorkerExited(None, None))
+
+
 class ThreadBackend:
     """Run each worker in a daemon thread."""
 
-    can_kill = False
     answers_in_order = True
     chunk_policy = LOCAL_POLICY
 
@@ -76,6 +79,9 @@ class ThreadBackend:
     def pid(self, index: int) -> int | None:
         return os.getpid()
 
+    def wake(self) -> None:
+        self._events.put(_WAKE)
+
     def wait(self, timeout: float | None) -> list[Event]:
         try:
             events = [self._events.get(timeout=timeout)]
@@ -85,10 +91,10 @@ class ThreadBackend:
             try:
                 events.append(self._events.get_nowait())
             except queue.Empty:
-                return events
+                return [event for event in events if event is not _WAKE]
 
     def kill(self, index: int) -> None:
-        raise RuntimeError("threads cannot be killed")  # callers check can_kill first
+        raise RuntimeError("threads cannot be killed")  # the pool refuses the options needing it
 
     def retire(self, index: int) -> None:
         worker = self._workers[index]
