@@ -33,10 +33,12 @@ from ._protocol import (
     InitFailed,
     ItemError,
     Ready,
+    ResendItemwise,
     ResultUnreadable,
     RunChunk,
     WorkerExited,
 )
+from ._serialization import decode_itemwise
 from ._worker_stats import WorkerSlot
 from .backends.base import Backend
 from .errors import (
@@ -257,8 +259,11 @@ class Dispatcher:
     def _handle(self, slot: WorkerSlot, message: FromWorker) -> None:
         if isinstance(message, ChunkDone):
             chunk = self._pop_running(slot, message.chunk_id)
-            slot.record_chunk(len(chunk.items), message.busy_seconds, message.oom_backoffs)
-            values, errors = message.payload
+            if message.itemwise:
+                values, errors = decode_itemwise(message.payload, chunk.start, len(chunk.items))
+            else:
+                slot.record_chunk(len(chunk.items), message.busy_seconds, message.oom_backoffs)
+                values, errors = message.payload
             if len(values) != len(chunk.items):
                 self._complete_with_error(chunk, _miscount_error(slot, chunk, len(values)))
             elif chunk.run_id == self.run_id:
@@ -266,6 +271,8 @@ class Dispatcher:
                     Completion(chunk, values, errors, message.busy_seconds, message.payload_bytes)
                 )
             self._recycle_if_due(slot)
+        elif isinstance(message, ResultUnreadable) and self.backend.resends_itemwise:
+            self._ask_itemwise(slot, self._pop_running(slot, message.chunk_id))
         elif isinstance(message, ChunkUnreadable | ResultUnreadable):
             chunk = self._pop_running(slot, message.chunk_id)
             self._isolate(chunk, str(message.payload), isinstance(message, ChunkUnreadable))
@@ -288,6 +295,19 @@ class Dispatcher:
             chunk = slot.in_flight.popleft()
         slot.running_since = time.monotonic() if slot.in_flight else None
         return chunk
+
+    def _ask_itemwise(self, slot: WorkerSlot, chunk: Chunk) -> None:
+        """Results that cannot be unpickled as a whole: have the worker send each item alone.
+
+        The items ran once and must not run again (no worker died); the worker answers after
+        the chunks it holds, so the chunk goes to the back of its queue.
+        """
+        if chunk.run_id != self.run_id:
+            return
+        if not slot.in_flight:
+            slot.running_since = time.monotonic()
+        slot.in_flight.append(chunk)
+        self.backend.send(slot.index, ResendItemwise(chunk.chunk_id))
 
     def _isolate(self, chunk: Chunk, reason: str, inbound: bool) -> None:
         if chunk.run_id != self.run_id:

@@ -4,7 +4,7 @@ Each message keeps its user data (items, results, exceptions) in a single ``payl
 The process transport pickles the small header and the payload separately, so when user data
 cannot be pickled or unpickled the failure belongs to one known chunk, never to the channel.
 
-Parent → worker: ``RunChunk``, ``Stop``.
+Parent → worker: ``RunChunk``, ``ResendItemwise``, ``Stop``.
 Worker → parent: ``Ready``, ``InitFailed``, ``ChunkDone``, ``ChunkUnreadable``.
 Backend → parent (synthesized, never sent): ``WorkerExited``, ``ResultUnreadable``.
 """
@@ -28,8 +28,20 @@ class RunChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class ResendItemwise:
+    """Send a chunk's results again, each item pickled on its own.
+
+    The parent asks when it could not unpickle a chunk's results as a whole: rebuilding each
+    item alone pins the failure on the items at fault, and nothing runs twice.
+    """
+
+    chunk_id: int
+    payload: Any = None
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
-    """Finish the running chunk, drop queued ones, and exit."""
+    """Exit once the chunks before it are answered (the parent sends nothing after it)."""
 
     payload: Any = None
 
@@ -56,6 +68,8 @@ class ChunkDone:
     """Results of a chunk; payload is ``(values, errors)`` with ``errors: list[ItemError] | None``.
 
     ``values`` has one entry per item; an entry whose offset appears in ``errors`` is None.
+    An ``itemwise`` answer (to ``ResendItemwise``) carries one pickled outcome per item
+    instead (``_serialization.encode_itemwise``), or None if the worker no longer has them.
     """
 
     chunk_id: int
@@ -63,6 +77,7 @@ class ChunkDone:
     oom_backoffs: int = 0
     start: int = 0  # index of the chunk's first item, for error messages
     payload_bytes: int = 0  # filled in by the receiving transport, for the chunk sizer
+    itemwise: bool = False
     payload: Any = None
 
 
@@ -92,5 +107,5 @@ class WorkerExited:
     payload: Any = None
 
 
-ToWorker = RunChunk | Stop
+ToWorker = RunChunk | ResendItemwise | Stop
 FromWorker = Ready | InitFailed | ChunkDone | ChunkUnreadable | ResultUnreadable | WorkerExited

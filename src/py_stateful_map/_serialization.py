@@ -15,7 +15,8 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from ._protocol import ChunkDone, FromWorker, InitFailed, ResultUnreadable
+from ._host_copy import tensor_pickler
+from ._protocol import ChunkDone, FromWorker, InitFailed, ItemError, ResultUnreadable
 from ._shared_memory import Descriptor, SegmentPool, SegmentReader, out_of_band_pickler
 from .errors import SerializationError
 
@@ -36,15 +37,24 @@ def _cloudpickle() -> Any:
 
 
 def dumps(obj: Any) -> bytes:
-    """Pickle ``obj``, falling back to cloudpickle for objects only picklable by value."""
+    """Pickle ``obj``, falling back to cloudpickle for objects only picklable by value.
+
+    Tensors go as CPU tensors holding only their own elements, wherever they are nested
+    (``_host_copy``): a CUDA tensor would otherwise be rebuilt on the receiver's GPU.
+    """
     try:
-        return pickle.dumps(obj, _PROTOCOL)
+        return _dump(pickle.Pickler, obj)
     except (pickle.PicklingError, AttributeError, TypeError):
         cloudpickle = _cloudpickle()
         if cloudpickle is None:
             raise
-        data: bytes = cloudpickle.dumps(obj, _PROTOCOL)
-        return data
+        return _dump(cloudpickle.Pickler, obj)
+
+
+def _dump(pickler_type: Any, obj: Any) -> bytes:
+    stream = io.BytesIO()
+    tensor_pickler(stream, _PROTOCOL, pickler_type).dump(obj)
+    return stream.getvalue()
 
 
 def dumps_by_value(obj: Any) -> bytes:
@@ -55,8 +65,7 @@ def dumps_by_value(obj: Any) -> bytes:
     """
     cloudpickle = _cloudpickle()
     if cloudpickle is not None and _defined_in_main(obj):
-        data: bytes = cloudpickle.dumps(obj, _PROTOCOL)
-        return data
+        return _dump(cloudpickle.Pickler, obj)
     return dumps(obj)
 
 
@@ -186,7 +195,8 @@ def decode_from_worker(
             size += sum(memoryview(buffer).nbytes for buffer in detached or ())
             message = dataclasses.replace(message, payload_bytes=size)
         return message  # type: ignore[no-any-return]
-    except Exception as exc:  # blame the chunk, not the channel
+    except Exception as exc:  # blame the chunk, not the channel; the dispatcher asks again
+        # item by item (``ResendItemwise``) to find the items at fault
         reason = f"{type(exc).__name__}: {exc}"
         if isinstance(header, ChunkDone):
             return ResultUnreadable(header.chunk_id, payload=reason)
@@ -194,6 +204,66 @@ def decode_from_worker(
             error = SerializationError(f"the constructor's exception cannot be unpickled: {reason}")
             return InitFailed(header.pid, payload=(error, ""))
         raise
+
+
+def encode_itemwise(values: list[Any], errors: list[ItemError] | None) -> list[bytes]:
+    """One pickle per item's outcome, so the parent can rebuild each on its own.
+
+    An exception is pickled inside its entry, next to its traceback text, so the text still
+    reaches the caller when the exception itself cannot be rebuilt there.
+    """
+    failed = {offset: (exc, text) for offset, exc, text in errors or ()}
+    entries = []
+    for offset, value in enumerate(values):
+        try:
+            if offset in failed:
+                exc, text = failed[offset]
+                entries.append(dumps(("error", dumps(exc), text)))
+            else:
+                entries.append(dumps(("value", value)))
+        except Exception as exc:
+            entries.append(dumps(("unpicklable", f"{type(exc).__name__}: {exc}")))
+    return entries
+
+
+def decode_itemwise(
+    entries: list[bytes] | None, start: int, count: int
+) -> tuple[list[Any], list[ItemError]]:
+    """Rebuild an itemwise answer; an entry that cannot be unpickled fails only its item."""
+    if entries is None or len(entries) != count:
+        error = SerializationError(
+            f"the results of items {start}..{start + count - 1} cannot be unpickled here, and "
+            "the worker no longer holds them to send again"
+        )
+        return [None] * count, [(offset, error, "") for offset in range(count)]
+    values: list[Any] = [None] * count
+    errors: list[ItemError] = []
+    for offset, entry in enumerate(entries):
+        try:
+            kind, *rest = pickle.loads(entry)
+        except Exception as load_error:  # the value itself (errors are nested pickles)
+            reason = f"{type(load_error).__name__}: {load_error}"
+            error = SerializationError(
+                f"the result of item {start + offset} cannot be unpickled: {reason}"
+            )
+            errors.append((offset, error, ""))
+            continue
+        if kind == "value":
+            values[offset] = rest[0]
+            continue
+        if kind == "unpicklable":
+            errors.append((offset, SerializationError(f"item {start + offset}: {rest[0]}"), ""))
+            continue
+        exc_bytes, text = rest
+        try:
+            exc = pickle.loads(exc_bytes)
+        except Exception as load_error:
+            exc = SerializationError(
+                f"the exception of item {start + offset} cannot be unpickled: "
+                f"{type(load_error).__name__}: {load_error} (its worker traceback is attached)"
+            )
+        errors.append((offset, exc, text))
+    return values, errors
 
 
 def pickle_specs(

@@ -29,12 +29,24 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
-from ._protocol import ChunkDone, ChunkUnreadable, InitFailed, ItemError, Ready, RunChunk, Stop
+from ._protocol import (
+    ChunkDone,
+    ChunkUnreadable,
+    InitFailed,
+    ItemError,
+    Ready,
+    ResendItemwise,
+    RunChunk,
+    Stop,
+)
 from ._serialization import Codec, dumps, loads
 from ._shared_memory import Descriptor, SegmentPool, available, prefix_for, unlink_prefix
 from ._worker_runtime import WorkerRuntime, report_error
 from .errors import SerializationError
 
+#: Answers a worker keeps for ``ResendItemwise``: the one the parent could not read, plus the
+#: chunks the parent had already sent after it (it keeps at most two in a worker's hands).
+RETAINED_ANSWERS = 4
 #: Exit status of a worker whose parent disappeared (hang-up on its pipe).
 EXIT_PARENT_GONE = 3
 _PR_SET_PDEATHSIG = 1
@@ -62,7 +74,7 @@ def worker_process_main(
     pool = SegmentPool(prefix, loud=False) if available() else None
     codec = Codec(pool)
     try:
-        runtime = WorkerRuntime(loads(spec_bytes))
+        runtime = WorkerRuntime(loads(spec_bytes), retained_answers=RETAINED_ANSWERS)
         greeting: Ready | InitFailed = runtime.start()
         if isinstance(greeting, Ready):  # count the imports unpickling the worker triggered
             greeting = dataclasses.replace(greeting, init_seconds=time.perf_counter() - started)
@@ -81,6 +93,9 @@ def worker_process_main(
             if pool is not None:
                 pool.close()
             _exit_without_waiting_for_threads()
+        if isinstance(task, ResendItemwise):
+            _send(conn, codec, runtime.resend_itemwise(task))
+            continue
         _send(conn, codec, run_encoded_chunk(runtime, codec, task, raw_items, descriptors))
 
 

@@ -12,11 +12,13 @@ import inspect
 import os
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._protocol import ChunkDone, InitFailed, ItemError, Ready, RunChunk
+from ._protocol import ChunkDone, InitFailed, ItemError, Ready, ResendItemwise, RunChunk
+from ._serialization import encode_itemwise
 from .results import ArgumentPassing
 
 
@@ -137,11 +139,20 @@ class WorkerRuntime:
     """The state of one worker and the step that turns a chunk into its results."""
 
     def __init__(
-        self, spec: WorkerSpec, propagates: Callable[[BaseException], bool] = never_propagates
+        self,
+        spec: WorkerSpec,
+        propagates: Callable[[BaseException], bool] = never_propagates,
+        *,
+        retained_answers: int = 0,
     ) -> None:
         self._spec = spec
         self._propagates = propagates
         self._run: _Runner | None = None
+        # Answers kept for ``ResendItemwise``: the parent may fail to unpickle one while this
+        # worker already runs the chunks sent after it (in-process backends keep none).
+        self._retained = retained_answers
+        self._answers: OrderedDict[int, tuple[list[Any], list[ItemError] | None]]
+        self._answers = OrderedDict()
 
     def start(self) -> Ready | InitFailed:
         """Build the user's state; report success or the constructor's exception."""
@@ -193,6 +204,10 @@ class WorkerRuntime:
         assert self._run is not None, "start() must succeed before chunks are run"
         started = time.perf_counter()
         values, errors, backoffs = self._run(items, task.start)
+        if self._retained:
+            self._answers[task.chunk_id] = (values, errors)
+            while len(self._answers) > self._retained:
+                self._answers.popitem(last=False)
         return ChunkDone(
             chunk_id=task.chunk_id,
             start=task.start,
@@ -200,3 +215,9 @@ class WorkerRuntime:
             oom_backoffs=backoffs,
             payload=(values, errors),
         )
+
+    def resend_itemwise(self, task: ResendItemwise) -> ChunkDone:
+        """A retained answer again, each item pickled alone (None if no longer retained)."""
+        answer = self._answers.pop(task.chunk_id, None)
+        entries = None if answer is None else encode_itemwise(*answer)
+        return ChunkDone(chunk_id=task.chunk_id, busy_seconds=0.0, itemwise=True, payload=entries)

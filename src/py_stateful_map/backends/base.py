@@ -18,6 +18,9 @@ class Backend(Protocol):
     something to say *or has died*, so a dead worker can never leave the parent waiting.
     """
 
+    #: Whether a worker can send a chunk's results again item by item (``ResendItemwise``);
+    #: otherwise results the parent cannot unpickle are re-run item by item.
+    resends_itemwise: bool
     #: Whether a worker's answer to a chunk is always delivered before it reads the next one,
     #: so that at its death the oldest chunk in hand is the one that was running.
     answers_in_order: bool

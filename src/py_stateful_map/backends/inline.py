@@ -22,6 +22,7 @@ _IDLE_WAIT_SECONDS = 0.1
 class InlineBackend:
     """Run the one worker in the caller's thread."""
 
+    resends_itemwise = False
     answers_in_order = True
     chunk_policy = LOCAL_POLICY
 

@@ -119,6 +119,7 @@ class ProcessBackend:
     stop or restart the parent's workers.
     """
 
+    resends_itemwise = True
     answers_in_order = True
     chunk_policy = LOCAL_POLICY
 

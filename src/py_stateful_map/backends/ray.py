@@ -28,6 +28,15 @@ order sent, always on the same thread (thread-local state such as a CUDA device 
 and never on the actor's event loop (``asyncio.run`` in user code works). The parent reports
 answers in the same order, however Ray delivers them.
 
+*Liveness.* An actor whose process lives on but whose event loop no longer answers is not
+dead to Ray, so ``wait`` probes each actor with ``ping()`` (answered by the event loop, never
+by user code) every ``PROBE_INTERVAL_SECONDS``: one that leaves a probe unanswered for
+``UNRESPONSIVE_SECONDS`` is killed and reported dead, and one that Ray cannot place within
+``PLACEMENT_TIMEOUT_SECONDS`` fails to start with the reason. No map waits on Ray unbounded.
+User code never runs on the event loop, and whatever it raises — ``SystemExit`` and
+``KeyboardInterrupt`` included — is caught in the executor thread: asyncio re-raises those two
+out of the loop (``asyncio.Task.__step``), which then answered nothing again (issue 17).
+
 *Connection.* An initialized Ray is used as is; else ``address=``, else ``RAY_ADDRESS``, else
 a new local instance on 127.0.0.1 without dashboard. Ray started (or connected) here is shut
 down when the last pool using it closes.
@@ -35,28 +44,27 @@ down when the last pool using it closes.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
 import itertools
 import logging
 import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from .._chunking import REMOTE_POLICY
 from .._protocol import InitFailed, Ready, RunChunk, ToWorker, WorkerExited
-from .._serialization import Codec, decode_from_worker, loads, pickle_specs
-from .._worker_process import make_sendable, run_encoded_chunk
-from .._worker_runtime import WorkerRuntime, WorkerSpec, format_exception_text
-from ..errors import SerializationError
+from .._serialization import decode_from_worker, pickle_specs
+from .._worker_runtime import WorkerSpec
+from ..errors import PoolBrokenError, SerializationError
+from ._ray_actor import ActorWorker, Answer
+from ._ray_codec import RayCodec
 from ._ray_options import (
     check_actor_options,
+    describe_shortage,
     resource_request,
     warn_if_unschedulable,
     with_defaults,
@@ -75,71 +83,16 @@ _CONFIRM_KILL_SECONDS = 10.0
 _WAIT_SLICE_SECONDS = 1.0
 #: Seconds a cancelling ``shutdown`` lets actors that are being created finish starting.
 _START_SETTLE_SECONDS = 2.0
-
-
-#: What an actor answers: a frame and the large buffers that travel next to it.
-Answer = tuple[bytes, list[Any]]
-
-# -- inside the actor ---------------------------------------------------------------------------
-
-
-class _ActorWorker:
-    """One worker inside its actor: the same ``WorkerRuntime`` every backend runs."""
-
-    def __init__(self, env: dict[str, str], spec_bytes: bytes) -> None:
-        self._env = env
-        self._spec_bytes = spec_bytes
-        self._runtime: WorkerRuntime | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="py_stateful_map-actor")
-        self._codec = Codec()  # in-band: Ray moves large frames through its object store
-        self._next_seq = 0
-        self._turn = asyncio.Condition()
-
-    async def start(self) -> Answer:
-        """Build the user's state (call number 0); answers a Ready or InitFailed frame."""
-        return await self._in_turn(0, self._start)
-
-    async def run_chunk(self, seq: int, frame: bytes, buffers: list[Any]) -> Answer:
-        """Run one RunChunk frame; answers a ChunkDone or ChunkUnreadable frame."""
-        return await self._in_turn(seq, functools.partial(self._run, frame, buffers))
-
-    async def watch(self) -> None:
-        """Never returns: its reference fails when the actor dies."""
-        await asyncio.Event().wait()
-
-    async def _in_turn(self, seq: int, call: Callable[[], Answer]) -> Answer:
-        async with self._turn:
-            await self._turn.wait_for(lambda: self._next_seq == seq)
-            # The one-thread executor is first in, first out: queue the next call right away.
-            done = asyncio.get_running_loop().run_in_executor(self._thread, call)
-            self._next_seq += 1
-            self._turn.notify_all()
-        return await done
-
-    def _start(self) -> Answer:
-        os.environ.update(self._env)  # before unpickling the spec imports any user code
-        try:
-            runtime = WorkerRuntime(loads(self._spec_bytes))
-            greeting: Ready | InitFailed = runtime.start()
-        except Exception as exc:  # e.g. the worker class cannot be imported here
-            greeting = InitFailed(pid=os.getpid(), payload=(exc, format_exception_text(exc)))
-        if isinstance(greeting, Ready):
-            self._runtime = runtime
-        return self._frame(greeting)
-
-    def _run(self, frame: bytes, buffers: list[Any]) -> Answer:
-        assert self._runtime is not None, "start() must succeed before chunks are run"
-        task, raw_items, descriptors = self._codec.decode_header(frame)
-        return self._frame(
-            run_encoded_chunk(self._runtime, self._codec, task, raw_items, descriptors, buffers)
-        )
-
-    def _frame(self, message: Any) -> Answer:
-        try:
-            frame, buffers, _ = self._codec.encode_detached(message)
-        except Exception:  # find the item(s) at fault and send the rest
-            frame, buffers, _ = self._codec.encode_detached(make_sendable(message))
-        return frame, buffers
+#: Seconds between liveness probes of an actor that answers.
+PROBE_INTERVAL_SECONDS = 5.0
+#: Seconds a placed actor may leave a probe unanswered before it counts as dead. Only the
+#: event loop answers, so only a frozen process (or one whose C code holds the GIL that long)
+#: misses it.
+UNRESPONSIVE_SECONDS = 60.0
+#: Seconds Ray may take to place a new actor (autoscaling, runtime_env set-up) before the
+#: worker fails to start; a warning names what it waits for after ``_PLACEMENT_WARNING_SECONDS``.
+PLACEMENT_TIMEOUT_SECONDS = 600.0
+_PLACEMENT_WARNING_SECONDS = 10.0
 
 
 _actor_class: Any = None
@@ -149,7 +102,7 @@ _pool_numbers = itertools.count()
 def _remote_actor_class(ray: Any) -> Any:
     global _actor_class
     if _actor_class is None:
-        _actor_class = ray.remote(_ActorWorker)
+        _actor_class = ray.remote(ActorWorker)
     return _actor_class
 
 
@@ -168,9 +121,14 @@ class _Actor:
     next_seq: int = 1
     pid: int | None = None
     exitcode: int | None = None  # known only when the pool ended it
+    probe: Any | None = None  # ObjectRef of the ping() awaiting its answer
+    probe_sent: float = field(default_factory=time.monotonic)
+    placed: bool = False  # it answered a probe: Ray placed it and its event loop runs
+    warned: bool = False  # a warning said that Ray has not placed it yet
 
     def refs(self) -> list[Any]:
-        return [self.watch, *([self.start] if self.start is not None else []), *self.pending]
+        extra = [ref for ref in (self.start, self.probe) if ref is not None]
+        return [self.watch, *extra, *self.pending]
 
     def next_answer(self) -> Any | None:
         """The one reference whose answer must be reported next."""
@@ -182,6 +140,7 @@ class _Actor:
 class RayBackend:
     """Run each worker in a Ray actor (``ray_actor_options[i]`` goes to ``.options()``)."""
 
+    resends_itemwise = False
     answers_in_order = False
     chunk_policy = REMOTE_POLICY
 
@@ -196,8 +155,9 @@ class RayBackend:
         check_actor_options(actor_options)
         self._spec_bytes = pickle_specs(specs, dumps_spec, "a Ray actor")
         self._ray, self._owns_session = session.acquire(address)
-        self._codec = Codec()
+        self._codec = RayCodec()
         self._released = False
+        self._closing = False  # set first thing in shutdown(), from whichever thread
         self._envs = list(envs)
         self._options = with_defaults(self._ray, actor_options)
         self._requests = [resource_request(options) for options in self._options]
@@ -207,11 +167,18 @@ class RayBackend:
         self._incarnations = itertools.count()
         self._retiring: list[_Actor] = []
         self._woken = False
-        warn_if_unschedulable(self._ray, self._options)
+        warn_if_unschedulable(self._ray, self._requests)
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            "a pool cannot be pickled or sent to a worker: it owns live Ray actors. Pass what "
+            "the worker needs (e.g. its kwargs) instead, or chain pools in the caller"
+        )
 
     # -- Backend protocol -----------------------------------------------------------------------
 
     def start_worker(self, index: int) -> None:
+        self._refuse_if_closed()
         # A name per incarnation, so `ray list actors` (or the dashboard) tells an operator
         # which pool and worker an actor belongs to; a restart never reuses a name.
         name = f"py_stateful_map-{self._token}-worker{index}-{next(self._incarnations)}"
@@ -220,18 +187,26 @@ class RayBackend:
         )
         start = handle.start.remote()
         self._actors[index] = _Actor(
-            handle, watch=handle.watch.remote(), start=start, request=self._requests[index]
+            handle,
+            watch=handle.watch.remote(),
+            start=start,
+            request=self._requests[index],
+            probe=handle.ping.remote(),  # answered once Ray placed it
         )
 
     def send(self, index: int, message: ToWorker) -> int:
+        if not isinstance(message, RunChunk):
+            return 0  # Stop: retire and shutdown end actors
         actor = self._actors[index]
-        if actor is None or not isinstance(message, RunChunk):
-            return 0  # dead (its WorkerExited says so) or Stop (retire and shutdown end actors)
+        if actor is None:  # only after close: a dead actor's slot is restarted at once
+            self._refuse_if_closed()
+            raise PoolBrokenError(f"worker {index} has no actor to send to")
         try:
-            frame, buffers, payload_size = self._codec.encode_detached(message)
+            frame, buffers, refs, payload_size = self._codec.encode_with_refs(message)
         except Exception as exc:
             raise SerializationError(f"{type(exc).__name__}: {exc}") from exc
-        actor.pending.append(actor.handle.run_chunk.remote(actor.next_seq, frame, buffers))
+        call = actor.handle.run_chunk.remote(actor.next_seq, frame, buffers, refs)
+        actor.pending.append(call)
         actor.next_seq += 1
         return payload_size
 
@@ -242,19 +217,27 @@ class RayBackend:
     def wait(self, timeout: float | None) -> list[Event]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            self._refuse_if_closed()
             events = self._collect()
             remaining = None if deadline is None else deadline - time.monotonic()
             if events or (remaining is not None and remaining <= 0) or self._woken:
                 self._woken = False
                 return events
+            # In slices: a signal handler (Ctrl-C) runs only between calls into Ray, and the
+            # liveness probes are checked between slices.
+            wait_slice = min(_WAIT_SLICE_SECONDS, remaining or _WAIT_SLICE_SECONDS)
             blocking = self._blocking_refs()
-            if not blocking:
-                return []
-            # In slices: a signal handler (Ctrl-C) runs only between calls into Ray.
-            wait_slice = min(
-                _WAIT_SLICE_SECONDS, _WAIT_SLICE_SECONDS if remaining is None else remaining
-            )
-            self._ray.wait(blocking, num_returns=1, timeout=wait_slice)
+            if blocking:
+                self._ray.wait(blocking, num_returns=1, timeout=wait_slice)
+            elif timeout is None:  # no actor could ever answer: waiting would never end
+                raise PoolBrokenError("no worker of this pool is running or starting")
+            else:
+                time.sleep(wait_slice)
+
+    def _refuse_if_closed(self) -> None:
+        """After close(), no actor starts and nothing is sent or awaited (no spin, no hang)."""
+        if self._closing:
+            raise PoolBrokenError("this pool is closed")
 
     def _placeable(self, actor: _Actor) -> bool:
         """Whether some live node of the cluster has the resources this actor asks for."""
@@ -287,6 +270,7 @@ class RayBackend:
         return None if actor is None else actor.pid
 
     def shutdown(self, grace: float | None, *, cancel: bool) -> None:
+        self._closing = True
         live = [a for a in self._actors if a is not None] + self._retiring
         self._actors = [None] * len(self._actors)
         self._retiring = []
@@ -333,6 +317,10 @@ class RayBackend:
         for index, actor in enumerate(self._actors):
             if actor is not None:
                 self._collect_actor(index, actor, ready, events)
+        now = time.monotonic()
+        for index, actor in enumerate(self._actors):
+            if actor is not None:
+                self._check_liveness(index, actor, ready, now, events)
         self._reap_retiring(ready)
         return events
 
@@ -347,10 +335,12 @@ class RayBackend:
             else:
                 actor.pending.popleft()
             answer = self._fetch(ref)
-            if isinstance(answer, BaseException):
-                events.append((index, self._bury(index, actor, answer)))
+            if isinstance(answer, BaseException) or answer.fatal:
+                cause = answer if isinstance(answer, BaseException) else answer.fatal
+                events.append((index, self._bury(index, actor, cause)))
                 return
-            message = decode_from_worker(self._codec, *answer)
+            with self._codec.receiving(answer.refs):
+                message = decode_from_worker(self._codec, answer.frame, answer.buffers)
             if isinstance(message, Ready):
                 actor.pid = message.pid
             elif isinstance(message, InitFailed):
@@ -358,7 +348,9 @@ class RayBackend:
                 self._kill(actor)
             events.append((index, message))
         if actor.watch in ready:
-            events.append((index, self._bury(index, actor, self._fetch(actor.watch))))
+            death = self._fetch(actor.watch)  # watch() never returns: this is Ray's account
+            cause = death if isinstance(death, BaseException) else ""
+            events.append((index, self._bury(index, actor, cause)))
 
     def _settle(self, actor: _Actor) -> set[Any]:
         """Let a dead actor's outstanding calls resolve: answered before death, or failed."""
@@ -373,12 +365,50 @@ class RayBackend:
             return error
         return value
 
-    def _bury(self, index: int, actor: _Actor, cause: object) -> WorkerExited:
+    def _bury(self, index: int, actor: _Actor, cause: BaseException | str) -> WorkerExited:
         """Report the death of worker ``index`` once, and make sure the actor is gone."""
         self._kill(actor)  # a lost answer or an unreachable actor counts as a death too
         self._actors[index] = None
-        report = str(cause) if isinstance(cause, BaseException) else ""
-        return WorkerExited(pid=actor.pid, exitcode=actor.exitcode, crash_report=report)
+        return WorkerExited(pid=actor.pid, exitcode=actor.exitcode, crash_report=str(cause))
+
+    # -- liveness -------------------------------------------------------------------------------
+
+    def _check_liveness(
+        self, index: int, actor: _Actor, ready: set[Any], now: float, events: list[Event]
+    ) -> None:
+        """Probe the actor; report it dead when it stops answering, or when it is never placed."""
+        if actor.probe is not None and actor.probe in ready:
+            actor.probe, actor.placed = None, True  # a failed probe: `watch` reports the death
+        if actor.probe is None:
+            if now - actor.probe_sent >= PROBE_INTERVAL_SECONDS:
+                actor.probe, actor.probe_sent = actor.handle.ping.remote(), now
+            return
+        waited = now - actor.probe_sent
+        if actor.placed and waited >= UNRESPONSIVE_SECONDS:
+            cause = (
+                f"the actor (pid {actor.pid}) stopped answering: it left a liveness probe "
+                f"unanswered for {waited:.1f}s (a stopped process, or native code holding the "
+                "GIL), so it was killed"
+            )
+            events.append((index, self._bury(index, actor, cause)))
+        elif not actor.placed and waited >= PLACEMENT_TIMEOUT_SECONDS:
+            reason = describe_shortage(self._ray, actor.request)
+            error = TimeoutError(
+                f"its Ray actor could not be placed within {waited:.1f}s: {reason}"
+            )
+            self._kill(actor)
+            self._actors[index] = None
+            failed = InitFailed(pid=None, payload=(error, ""))  # type: ignore[arg-type]  # no pid
+            events.append((index, failed))
+        elif not actor.placed and waited >= _PLACEMENT_WARNING_SECONDS and not actor.warned:
+            actor.warned = True
+            logger.warning(
+                "worker %d: Ray has not placed its actor after %.0fs (%s); it fails after %gs",
+                index,
+                waited,
+                describe_shortage(self._ray, actor.request),
+                PLACEMENT_TIMEOUT_SECONDS,
+            )
 
     def _reap_retiring(self, ready: set[Any]) -> None:
         still = []

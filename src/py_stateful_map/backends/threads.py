@@ -56,6 +56,7 @@ _WAKE: Event = (-1, WorkerExited(None, None))
 class ThreadBackend:
     """Run each worker in a daemon thread."""
 
+    resends_itemwise = False
     answers_in_order = True
     chunk_policy = LOCAL_POLICY
 
