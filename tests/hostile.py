@@ -71,7 +71,7 @@ class CountRuns:
         self.log, self.bad = log, bad
 
     def __call__(self, x: int) -> Any:
-        with open(self.log, "a") as f:  # noqa: PTH123
+        with open(self.log, "a") as f:
             f.write(f"{x}\n")
         return Unloadable(x) if x == self.bad else x
 

@@ -8,7 +8,6 @@ caller run in a script of their own.
 from __future__ import annotations
 
 import gc
-import os
 import queue
 import threading
 import time
@@ -60,7 +59,9 @@ ESCAPES = ["StopIteration", "GeneratorExit", "SystemExit", "KeyboardInterrupt"]
 def test_exception_escaping_user_code_fails_that_item_only(kind: str, escaping: str) -> None:
     if kind == "inline" and escaping == "KeyboardInterrupt":
         pytest.skip("in the caller's thread a KeyboardInterrupt is the user's Ctrl-C")
-    with make_pool(kind, hostile.EscapeAt, {"bad": 7, "kind": escaping}, exception_behavior=DEFERRED) as pool:
+    with make_pool(
+        kind, hostile.EscapeAt, {"bad": 7, "kind": escaping}, exception_behavior=DEFERRED
+    ) as pool:
         results = list(pool.map(range(40)))
         assert [r.obj_id for r in results] == list(range(40))
         failed = [r for r in results if r.exception_obj is not None]
@@ -88,7 +89,10 @@ def test_stop_iteration_in_an_ordered_long_map_raises_instead_of_hanging(kind: s
 def test_unreadable_result_fails_that_item_and_reruns_nothing(kind: str, tmp_path: Path) -> None:
     log = tmp_path / "runs.txt"
     with make_pool(
-        kind, hostile.CountRuns, {"log": str(log), "bad": 13}, exception_behavior=DEFERRED,
+        kind,
+        hostile.CountRuns,
+        {"log": str(log), "bad": 13},
+        exception_behavior=DEFERRED,
         chunk_size=8,
     ) as pool:
         results = list(pool.map(range(40)))
@@ -103,7 +107,9 @@ def test_unreadable_result_fails_that_item_and_reruns_nothing(kind: str, tmp_pat
 
 @pytest.mark.parametrize("kind", PICKLING)
 def test_unreadable_exception_fails_that_item_only(kind: str) -> None:
-    with make_pool(kind, hostile.raise_unloadable_error, exception_behavior=DEFERRED, chunk_size=4) as pool:
+    with make_pool(
+        kind, hostile.raise_unloadable_error, exception_behavior=DEFERRED, chunk_size=4
+    ) as pool:
         results = list(pool.map(range(10)))
     failed = {r.obj_id: r.exception_obj for r in results if r.exception_obj is not None}
     assert list(failed) == [3]
@@ -216,12 +222,18 @@ def test_input_fed_by_the_callers_results_does_not_deadlock(kind: str, is_unorde
 def test_recycled_workers_with_lingering_threads_exit() -> None:
     import psutil
 
-    with StateFullWorkerPool(2, hostile.LingeringThread, max_tasks_per_worker=5, chunk_size=1) as pool:
+    with StateFullWorkerPool(
+        2, hostile.LingeringThread, max_tasks_per_worker=5, chunk_size=1
+    ) as pool:
         assert len(list(pool.map(range(40)))) == 40
         time.sleep(0.5)
         alive = psutil.Process().children(recursive=True)
-        workers = [p for p in alive if "py_stateful_map" in " ".join(p.cmdline()) or p.pid in {
-            s["pid"] for s in pool.stats().workers}]
+        workers = [
+            p
+            for p in alive
+            if "py_stateful_map" in " ".join(p.cmdline())
+            or p.pid in {s["pid"] for s in pool.stats().workers}
+        ]
         assert len(workers) <= 3, f"{len(workers)} worker processes alive for 2 slots"
         started = time.monotonic()
     assert time.monotonic() - started < 3.0
@@ -257,11 +269,6 @@ def test_forked_child_exiting_leaves_the_parents_pool_alone(tmp_path: Path) -> N
 
 
 # -- 12. exceptions from thread and inline workers carry no frames --------------------------
-
-
-def _fail(x: int) -> int:
-    big = bytearray(10)  # a local the frames would pin
-    raise ValueError(f"bad {x} {len(big)}")
 
 
 @pytest.mark.parametrize("kind", ["threads", "inline"])
@@ -307,5 +314,8 @@ def test_pool_passed_as_an_item_is_refused_plainly(kind: str) -> None:
 def test_pickling_a_pool_says_so() -> None:
     import pickle
 
-    with StateFullWorkerPool(0, hostile.identity) as pool, pytest.raises(TypeError, match="cannot be pickled"):
+    with (
+        StateFullWorkerPool(0, hostile.identity) as pool,
+        pytest.raises(TypeError, match="cannot be pickled"),
+    ):
         pickle.dumps(pool)
