@@ -220,8 +220,11 @@ class FakeTensor:
         self.value = value
         self.device = types.SimpleNamespace(type=device)
 
-    def cpu(self) -> FakeTensor:
-        return FakeTensor(self.value, "cpu")
+    def detach(self) -> FakeTensor:
+        return self
+
+    def to(self, device: str) -> FakeTensor:
+        return FakeTensor(self.value, device)
 
 
 @pytest.fixture

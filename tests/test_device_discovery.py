@@ -7,6 +7,7 @@ runs the same with or without a GPU.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import subprocess
 import sys
@@ -62,8 +63,8 @@ def clean_cuda_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
 
 
-def tokens() -> list[str]:
-    return [gpu.token for gpu in visible_gpus(probe=machine(4, migs=["a", "b"]))]
+def tokens(migs: Sequence[str] = ()) -> list[str]:
+    return [gpu.token for gpu in visible_gpus(probe=machine(4, migs=migs))]
 
 
 # ------------------------------------------------------- CUDA_VISIBLE_DEVICES
@@ -108,8 +109,14 @@ def test_index_list_follows_cuda_driver_rules(
     assert tokens() == expected
 
 
-def test_mig_instances_do_not_count_as_indexed_gpus() -> None:
-    assert tokens() == ["0", "1", "2", "3"]
+def test_a_gpu_in_mig_mode_is_one_device_per_instance(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GPU 0 is in MIG mode: it cannot run CUDA work as a whole, its instances can, one per
+    # process; the instances do not shift the indices of the whole GPUs.
+    assert tokens(migs=["a", "b"]) == [mig_uuid("a"), mig_uuid("b"), "1", "2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    assert tokens(migs=["a", "b"]) == ["2", mig_uuid("a"), mig_uuid("b")]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", uuid(0))
+    assert tokens(migs=["a"]) == [mig_uuid("a")]
 
 
 def test_full_uuids_select_gpus_in_their_order(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,7 +147,7 @@ def test_uuid_list_follows_cuda_driver_rules(
 
 def test_each_listed_mig_instance_is_a_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-b,MIG-a")
-    assert tokens() == [mig_uuid("b"), mig_uuid("a")]
+    assert tokens(migs=["a", "b"]) == [mig_uuid("b"), mig_uuid("a")]
     assert resolve_devices(probe=machine(4, migs=["a", "b"])) == ["cuda:0", "cuda:1"]
 
 
@@ -476,13 +483,61 @@ def test_default_probe_falls_back_to_nvidia_smi(
     fake_nvidia_smi(tmp_path, monkeypatch, f"exec /bin/cat {tmp_path / 'listing'}")
     monkeypatch.setattr(dd, "_probe_nvml", lambda: None)
     assert [gpu.uuid for gpu in probe_physical_gpus()][::3] == ["GPU-aaaa-0000", "GPU-aaaa-0001"]
-    assert resolve_devices() == ["cuda:0", "cuda:1"]
+    # GPU 0 is in MIG mode: each of its two instances is a device, named by its UUID
+    assert resolve_devices() == ["cuda:0", "cuda:1", "cuda:2"]
+    assert [dict(p.environ) for p in place_devices()] == [
+        {"CUDA_VISIBLE_DEVICES": "MIG-bbbb-0000"},
+        {"CUDA_VISIBLE_DEVICES": "MIG-bbbb-0001"},
+        {"CUDA_VISIBLE_DEVICES": "1"},
+    ]
 
 
+@pytest.fixture
+def no_device_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine without NVIDIA device nodes: discovery must not fall back to asking torch."""
+    monkeypatch.setattr(dd, "_gpu_device_nodes_exist", lambda: False)
+
+
+@pytest.mark.usefixtures("no_device_nodes")
 def test_failing_nvidia_smi_means_no_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_nvidia_smi(tmp_path, monkeypatch, "echo 'NVIDIA-SMI has failed' ; exit 9")
     monkeypatch.setattr(dd, "_probe_nvml", lambda: None)
     assert probe_physical_gpus() == []
+
+
+FAKE_TORCH = """
+import json, os
+with open(os.environ["FAKE_TORCH_RECORD"], "w") as record:
+    json.dump({"cvd": os.environ.get("CUDA_VISIBLE_DEVICES")}, record)
+
+class _Properties:
+    def __init__(self, index):
+        self.uuid = f"{index}{index}{index}{index}aaaa-bbbb-cccc"
+
+class cuda:
+    is_available = staticmethod(lambda: True)
+    device_count = staticmethod(lambda: 2)
+    get_device_properties = staticmethod(_Properties)
+"""
+
+
+def test_without_nvml_or_nvidia_smi_torch_is_asked_in_a_subprocess(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A container with only the "compute" driver capability: device nodes and libcuda, but no
+    # NVML and no nvidia-smi. A torch that sees two GPUs (a fake one here) is asked in a child.
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(FAKE_TORCH)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("FAKE_TORCH_RECORD", str(tmp_path / "record.json"))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no nvidia-smi
+    monkeypatch.setattr(dd, "_probe_nvml", lambda: None)
+    monkeypatch.setattr(dd, "_gpu_device_nodes_exist", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", uuid(1))
+    assert probe_physical_gpus() == [PhysicalGpu(0, uuid(0)), PhysicalGpu(1, uuid(1))]
+    # the child listed every GPU (the mask applies afterwards, here), so the mask selects one
+    assert json.loads((tmp_path / "record.json").read_text()) == {"cvd": None}
+    assert [dict(p.environ) for p in place_devices()] == [{"CUDA_VISIBLE_DEVICES": uuid(1)}]
 
 
 def test_hanging_nvidia_smi_is_killed_after_the_timeout(
@@ -495,6 +550,7 @@ def test_hanging_nvidia_smi_is_killed_after_the_timeout(
     assert leftover_children() == []
 
 
+@pytest.mark.usefixtures("no_device_nodes")
 def test_no_driver_at_all_means_no_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(dd, "_probe_nvml", lambda: None)

@@ -28,11 +28,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._gpu_memory import MemoryShare, is_out_of_memory
+from ._host_copy import move_to_cpu, rebuild_tuple, tuple_fields
 from ._prefetch import BatchPreparer
 
 __all__ = ["BatchOutcome", "BatchRunner", "is_out_of_memory", "move_to_cpu", "split_batch_result"]
-
-_OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
 _MAX_GROW_AFTER = 1024
 
 
@@ -100,6 +100,10 @@ class BatchRunner:
         self._size_was_grown = False
         self._backoffs = 0
         self._propagates = propagates
+        # Several workers on one GPU: each keeps to its share (see _gpu_memory), from now on
+        # if the constructor put the model on the GPU, else from the first out-of-memory.
+        self._memory_share = MemoryShare.from_environment()
+        self._memory_share.claim()
 
     @property
     def batch_size(self) -> int:
@@ -141,6 +145,7 @@ class BatchRunner:
                 chunk.fail(start, stop, error)
             del error
             _release_cached_memory()
+            self._memory_share.claim()
             if stop - start > 1:
                 self._back_off(stop - start)
                 self._run_in_steps(chunk, start, stop)
@@ -212,15 +217,6 @@ def _rebuildable(error: Exception) -> bool:
     return type(error) in (ValueError, TypeError)
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is a CUDA out-of-memory error; never imports torch."""
-    torch = sys.modules.get("torch")
-    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    if isinstance(oom_type, type) and isinstance(error, oom_type):
-        return True
-    return isinstance(error, RuntimeError) and any(text in str(error) for text in _OOM_MESSAGES)
-
-
 def _release_cached_memory() -> None:
     """Best effort: hand the failed batch's GPU memory back before retrying smaller.
 
@@ -238,34 +234,15 @@ def _release_cached_memory() -> None:
         return
 
 
-def move_to_cpu(value: Any) -> Any:
-    """Copy tensors that live on a device to the CPU, inside lists, tuples and dicts too.
-
-    Results must cross a process boundary and outlive the GPU memory they came from.
-    Mappings come back as plain dicts; other objects are returned unchanged.
-    """
-    torch = sys.modules.get("torch")
-    return value if torch is None else _to_cpu(value, torch.Tensor)
-
-
-def _to_cpu(value: Any, tensor_type: Any) -> Any:
-    if isinstance(value, tensor_type):
-        return value if value.device.type == "cpu" else value.cpu()
-    if isinstance(value, Mapping):
-        return {key: _to_cpu(item, tensor_type) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_to_cpu(item, tensor_type) for item in value]
-    if isinstance(value, tuple):
-        moved = [_to_cpu(item, tensor_type) for item in value]
-        return _rebuild(value, moved) if _is_namedtuple(value) else tuple(moved)
-    return value
-
-
 def split_batch_result(value: Any, expected: int) -> list[Any]:
     """One result per item from what a batched call returned.
 
     >>> split_batch_result({"label": ["a", "b"], "score": [0.1, 0.9]}, 2)
     [{'label': 'a', 'score': 0.1}, {'label': 'b', 'score': 0.9}]
+
+    A named tuple or structseq (``x.max(dim=1)``, ``x.topk(k)``) is a record of
+    per-item columns, split per field into one record per item; a plain tuple is one
+    result per item.
 
     Raises ``ValueError`` when the length is not ``expected``, ``TypeError`` when
     the value cannot be split.
@@ -273,9 +250,13 @@ def split_batch_result(value: Any, expected: int) -> list[Any]:
     if isinstance(value, Mapping):
         columns = {key: _split_column(column, expected, key) for key, column in value.items()}
         return [{key: rows[i] for key, rows in columns.items()} for i in range(expected)]
-    if _is_namedtuple(value):
-        fields = [_split_column(column, expected, name) for name, column in value._asdict().items()]
-        return [_rebuild(value, row) for row in zip(*fields, strict=True)]
+    names = tuple_fields(value)
+    if names is not None:
+        fields = [
+            _split_column(column, expected, name)
+            for name, column in zip(names, value, strict=False)
+        ]
+        return [rebuild_tuple(value, list(row)) for row in zip(*fields, strict=True)]
     return _split_column(value, expected, None)
 
 
@@ -311,15 +292,6 @@ def _rows(value: Any) -> list[Any]:
     if numpy is not None and isinstance(value, numpy.ndarray):
         return [row.copy() if isinstance(row, numpy.ndarray) else row for row in value]
     return [row.clone() for row in value.unbind(0)]
-
-
-def _is_namedtuple(value: Any) -> bool:
-    return isinstance(value, tuple) and hasattr(value, "_fields")
-
-
-def _rebuild(record: Any, fields: Sequence[Any]) -> Any:
-    """A namedtuple of ``record``'s type holding ``fields``."""
-    return type(record)._make(fields)
 
 
 def _is_array_or_tensor(value: Any) -> bool:

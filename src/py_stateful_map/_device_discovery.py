@@ -7,7 +7,8 @@ hundreds of MB) into a parent that may never touch a GPU. NVML and
 
 Data flow::
 
-    probe (NVML -> nvidia-smi -L -> none)   physical GPUs, ignoring CUDA_VISIBLE_DEVICES
+    probe (NVML -> nvidia-smi -L -> torch in a subprocess -> none)
+            |                    physical GPUs and MIG instances, ignoring CUDA_VISIBLE_DEVICES
             |
     CUDA_VISIBLE_DEVICES (parsed as the CUDA driver parses it)
             |
@@ -17,12 +18,17 @@ Data flow::
     resolve_devices(request) ["cuda:0", "cuda:1"] or ["cpu"]
 
 A process worker for ``cuda:3`` runs with ``CUDA_VISIBLE_DEVICES`` set to the one
-token that names that GPU, so it sees exactly one device, ``cuda:0``.
+token that names that GPU, so it sees exactly one device, ``cuda:0``. A GPU in MIG mode
+cannot run CUDA work as a whole; each of its MIG instances is a device of its own, named
+by its ``MIG-...`` UUID (CUDA shows one process at most one instance, and every worker is
+a process of its own).
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
+import json
 import logging
 import os
 import re
@@ -31,7 +37,10 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, TypeAlias
+
+from ._worker_env import cuda_driver_initialized
 
 __all__ = [
     "DevicePlacement",
@@ -55,6 +64,8 @@ _CVD = "CUDA_VISIBLE_DEVICES"
 # variable for truthiness (`os.environ.get(...) or default`) reads "" as unset.
 _NO_GPU = "-1"
 _NVIDIA_SMI_TIMEOUT_S = 10.0
+#: Importing torch takes seconds on a cold disk; it only runs where GPU device nodes exist.
+_TORCH_PROBE_TIMEOUT_S = 120.0
 _NVML_SUCCESS = 0
 _NVML_UUID_BUFFER_SIZE = 96  # NVML_DEVICE_UUID_V2_BUFFER_SIZE
 _CUDA_NAME = re.compile(r"cuda(?::(\d+))?")
@@ -203,7 +214,16 @@ def visible_gpus(*, probe: DeviceProbe | None = None) -> list[VisibleGpu]:
 
 
 def cuda_initialized_in_this_process() -> bool:
-    """Whether torch has initialized CUDA here; never imports or initializes anything."""
+    """Whether CUDA was initialized here: by torch, or the driver by anyone.
+
+    ``torch.cuda.is_initialized()`` alone misses the common case: ``torch.cuda.is_available()``
+    and ``device_count()`` call ``cudaGetDeviceCount``, which runs ``cuInit`` without setting
+    up torch's context. Never imports or initializes anything.
+    """
+    return _torch_initialized_cuda() or cuda_driver_initialized()
+
+
+def _torch_initialized_cuda() -> bool:
     torch = sys.modules.get("torch")
     if torch is None:
         return False
@@ -214,13 +234,19 @@ def cuda_initialized_in_this_process() -> bool:
 
 
 def ensure_fork_is_safe(start_method: str) -> None:
-    """Refuse ``fork`` after CUDA is initialized: the children would fail on first use."""
+    """Refuse ``fork`` after CUDA is initialized: the children would fail on first use.
+
+    Called before every fork, restarts and recycled workers included: CUDA may have been
+    initialized in the parent after the pool started.
+    """
     if start_method == "fork" and cuda_initialized_in_this_process():
         raise RuntimeError(
-            "cannot use start_method='fork': CUDA is already initialized in this process, "
+            "cannot use start_method='fork': CUDA is already initialized in this process "
+            "(torch.cuda.is_available() or device_count() is enough to initialize the driver), "
             "and a forked child cannot use it (it fails with 'Cannot re-initialize CUDA in "
-            "forked subprocess'). Use start_method='spawn' or 'forkserver', or create the "
-            "pool before anything touches CUDA."
+            "forked subprocess' or 'CUDA error: initialization error'). Use "
+            "start_method='spawn' or 'forkserver', or create the pool before anything "
+            "touches CUDA."
         )
 
 
@@ -228,10 +254,22 @@ def ensure_fork_is_safe(start_method: str) -> None:
 
 
 def probe_physical_gpus() -> list[PhysicalGpu]:
-    """The default probe: NVML through ctypes, else ``nvidia-smi -L``, else none."""
+    """The default probe: NVML through ctypes, else ``nvidia-smi -L``, else torch, else none.
+
+    A container given only the ``compute`` driver capability has the GPUs' device nodes and
+    libcuda but neither NVML nor ``nvidia-smi``; rather than silently choosing the CPU there,
+    torch is asked in a subprocess (never here: that would initialize CUDA in the parent).
+    """
     gpus = _probe_nvml()
     if gpus is None:
         gpus = _probe_nvidia_smi()
+    if gpus is None and _gpu_device_nodes_exist():
+        gpus = _probe_torch_in_subprocess()
+        if not gpus:
+            _log.warning(
+                "this machine has NVIDIA device nodes but neither NVML, nvidia-smi nor torch "
+                "could list its GPUs; using the CPU (pass devices=[0, 1, ...] to insist)"
+            )
     return gpus or []
 
 
@@ -304,6 +342,53 @@ def _probe_nvidia_smi(timeout: float = _NVIDIA_SMI_TIMEOUT_S) -> list[PhysicalGp
     return _parse_nvidia_smi(done.stdout) if done.returncode == 0 else None
 
 
+#: Run in a subprocess: the GPUs CUDA shows with no CUDA_VISIBLE_DEVICES, as whole-GPU UUIDs.
+_TORCH_PROBE = """
+import json, torch
+count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+print(json.dumps([str(torch.cuda.get_device_properties(i).uuid) for i in range(count)]))
+"""
+
+
+def _gpu_device_nodes_exist(dev: Path = Path("/dev")) -> bool:
+    return any(dev.glob("nvidia[0-9]*"))
+
+
+def _probe_torch_in_subprocess(
+    timeout: float = _TORCH_PROBE_TIMEOUT_S,
+) -> list[PhysicalGpu] | None:
+    """GPUs as torch sees them, asked in a child process so this one never runs ``cuInit``.
+
+    The child runs without ``CUDA_VISIBLE_DEVICES`` (like the other probes, it lists every GPU;
+    the variable is applied afterwards) and with the parent's ``CUDA_DEVICE_ORDER``, so its
+    indices are this process's. MIG instances cannot be listed this way.
+    """
+    if importlib.util.find_spec("torch") is None:
+        return None
+    env = {name: value for name, value in os.environ.items() if name != "CUDA_VISIBLE_DEVICES"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _TORCH_PROBE],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
+        )
+        uuids = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        _log.debug("asking torch for GPUs failed: %s", exc)
+        return None
+    if not isinstance(uuids, list):
+        return None
+    return [PhysicalGpu(index, _gpu_uuid(str(uuid))) for index, uuid in enumerate(uuids)]
+
+
+def _gpu_uuid(text: str) -> str:
+    """torch prints a bare UUID; CUDA_VISIBLE_DEVICES and NVML write it ``GPU-<uuid>``."""
+    return text if text.startswith(("GPU-", "MIG-")) or not text else f"GPU-{text}"
+
+
 def _parse_nvidia_smi(text: str) -> list[PhysicalGpu]:
     """Parse ``GPU 0: <name> (UUID: GPU-...)`` lines and their indented MIG lines."""
     gpus: list[PhysicalGpu] = []
@@ -325,15 +410,39 @@ def _select_visible(spec: str | None, physical: Sequence[PhysicalGpu]) -> list[s
 
     Unset: every whole GPU. Entries are read left to right; the first entry that
     names no device ends the list (so ``""`` and ``"-1"`` mean none); a repeated
-    device hides every device. UUID entries may be unique prefixes.
+    device hides every device. UUID entries may be unique prefixes. A GPU in MIG
+    mode, named or implied, stands for its MIG instances.
     """
     whole_gpus = sum(1 for gpu in physical if not gpu.is_mig)
     if spec is None:
-        return [str(ordinal) for ordinal in range(whole_gpus)]
-    entries = [entry.strip() for entry in spec.split(",")]
-    if entries[0].startswith(("GPU-", "MIG-")):
-        return _select_by_uuid(entries, physical)
-    return _select_by_index(entries, whole_gpus)
+        chosen = [str(ordinal) for ordinal in range(whole_gpus)]
+    else:
+        entries = [entry.strip() for entry in spec.split(",")]
+        if entries[0].startswith(("GPU-", "MIG-")):
+            chosen = _select_by_uuid(entries, physical)
+        else:
+            chosen = _select_by_index(entries, whole_gpus)
+    return _expand_mig(chosen, physical)
+
+
+def _expand_mig(tokens: Sequence[str], physical: Sequence[PhysicalGpu]) -> list[str]:
+    """Replace each GPU in MIG mode by its instances' UUIDs; other tokens stay as they are.
+
+    An index token is the NVML index of the GPU: with MIG in play, CUDA's own numbering of
+    whole GPUs is not reliable, so the instances are always named by UUID.
+    """
+    instances: dict[int, list[str]] = {}
+    for gpu in physical:
+        if gpu.is_mig:
+            instances.setdefault(gpu.index, []).append(gpu.uuid)
+    if not instances:
+        return list(tokens)
+    index_of = {gpu.uuid: gpu.index for gpu in physical if gpu.uuid and not gpu.is_mig}
+    expanded: list[str] = []
+    for token in tokens:
+        index = int(token) if token.isdigit() else index_of.get(token)
+        expanded.extend(instances.get(index, [token]) if index is not None else [token])
+    return expanded
 
 
 def _select_by_index(entries: Sequence[str], whole_gpus: int) -> list[str]:

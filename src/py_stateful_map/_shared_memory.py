@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._host_copy import tensor_pickler
+
 logger = logging.getLogger("py_stateful_map")
 
 #: Buffers at least this large go through shared memory; smaller ones are cheaper in-band.
@@ -276,21 +278,5 @@ def out_of_band_pickler(
 ) -> pickle.Pickler:
     """A protocol-5 pickler that offers every array buffer (torch CPU tensors included) to
     ``place``, which keeps it in-band by returning True."""
-    pickler = pickle.Pickler(stream, _PROTOCOL, buffer_callback=place)
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        pickler.dispatch_table = {torch.Tensor: _reduce_tensor}
-    return pickler
-
-
-def _reduce_tensor(tensor: Any) -> tuple[Any, ...]:
-    """Send a CPU tensor as a numpy array (out-of-band), rebuilt with ``torch.from_numpy``."""
-    if tensor.device.type != "cpu" or tensor.requires_grad or tensor.is_sparse:
-        return tensor.__reduce_ex__(_PROTOCOL)  # type: ignore[no-any-return]
-    try:
-        array = tensor.detach().contiguous().numpy()
-    except (TypeError, RuntimeError):  # e.g. bfloat16 has no numpy dtype
-        return tensor.__reduce_ex__(_PROTOCOL)  # type: ignore[no-any-return]
-    import torch
-
-    return (torch.from_numpy, (array,))
+    # Tensors: on the CPU, detached, as numpy arrays whose buffers can be placed (_host_copy).
+    return tensor_pickler(stream, _PROTOCOL, buffer_callback=place)
