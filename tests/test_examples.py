@@ -18,9 +18,20 @@ import pytest
 from py_stateful_map import resolve_devices
 
 ROOT = Path(__file__).resolve().parent.parent
-#: Examples whose output test_examples_device.py already checks in detail (they take ~20 s).
-CHECKED_ELSEWHERE = {"multi_gpu_inference.py", "evaluation_harness.py"}
-EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.py") if p.name not in CHECKED_ELSEWHERE)
+#: Examples whose output test_examples_device.py and test_examples_embed.py already check in
+#: detail, with small inputs (they load a model, ~20 s each).
+CHECKED_ELSEWHERE = {
+    "multi_gpu_inference.py",
+    "evaluation_harness.py",
+    "embed_demo.py",
+    "embed_corpus.py",
+}
+#: ``_name.py`` files are modules the examples share, not examples.
+EXAMPLES = sorted(
+    p
+    for p in (ROOT / "examples").glob("*.py")
+    if p.name not in CHECKED_ELSEWHERE and not p.name.startswith("_")
+)
 TIMEOUT_SECONDS = 120
 #: Text an example must print (beyond exiting with 0).
 EXPECTED_OUTPUT = {"seed_example.py": "Total:"}
