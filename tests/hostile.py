@@ -118,3 +118,112 @@ def round_trips(obj: Any) -> bool:
     except Exception:
         return False
     return True
+
+
+def four_mib_array(i: int) -> Any:
+    import numpy as np
+
+    return np.full(512 * 1024, i, dtype=np.float64)  # 4 MiB: goes through shared memory
+
+
+STICKY = "CUDA error: device-side assert triggered"
+
+
+class PoisonAt:
+    """Simulates a sticky CUDA error: after item ``bad`` fails, every later call fails too."""
+
+    def __init__(self, bad: int) -> None:
+        self.bad = bad
+        self.broken = False
+
+    def _check(self, x: int) -> None:
+        if self.broken or x == self.bad:
+            self.broken = True
+            raise RuntimeError(STICKY)
+
+    def __call__(self, x: int) -> int:
+        self._check(x)
+        return x
+
+
+class BatchedPoisonAt(PoisonAt):
+    def __call__(self, batch: list[int]) -> list[int]:  # type: ignore[override]
+        for x in batch:
+            self._check(x)
+        return list(batch)
+
+
+def _other_instances_alive(registry: str, me: int) -> list[int]:
+    """Pids listed in ``registry`` (other than ``me``) whose process has not ended."""
+    from pathlib import Path
+
+    alive = []
+    for line in Path(registry).read_text().split():
+        pid = int(line)
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            continue
+        if pid != me and state not in ("Z", "X"):
+            alive.append(pid)
+    return alive
+
+
+class SlowToExit:
+    """Takes half a second to tear down (like freeing a model on a GPU); records overlaps.
+
+    Each instance appends its pid to its slot's registry and notes whether an earlier
+    instance of the same slot was still alive when it started.
+    """
+
+    def __init__(self, registry: str, overlaps: str) -> None:
+        import multiprocessing.util
+
+        with open(registry, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        others = _other_instances_alive(registry, os.getpid())
+        if others:
+            with open(overlaps, "a") as f:
+                f.write(f"{os.getpid()} started while {others} alive\n")
+        multiprocessing.util.Finalize(None, time.sleep, args=(0.5,), exitpriority=0)
+
+    def __call__(self, x: int) -> int:
+        return x
+
+
+class TimedInit:
+    """Records when its constructor ran, to check how many build state at once."""
+
+    def __init__(self, log: str) -> None:
+        started = time.monotonic()
+        time.sleep(0.2)
+        with open(log, "a") as f:
+            f.write(f"{started} {time.monotonic()}\n")
+
+    def __call__(self, x: int) -> int:
+        return x
+
+
+class BreaksItsSlot:
+    """Item ``fatal`` kills the worker; from then on this slot's constructor fails
+    ``failures`` times (a GPU that went bad), counted in ``marker``."""
+
+    def __init__(self, marker: str, failures: int) -> None:
+        from pathlib import Path
+
+        path = Path(marker)
+        if path.exists():
+            done = int(path.read_text() or 0)
+            if done < failures:
+                path.write_text(str(done + 1))
+                raise RuntimeError(f"device unusable (attempt {done + 1})")
+        self.marker = marker
+
+    def __call__(self, x: int) -> int:
+        from pathlib import Path
+
+        if x == 5 and not Path(self.marker).exists():
+            Path(self.marker).write_text("0")
+            os._exit(9)
+        time.sleep(0.01)
+        return x

@@ -8,6 +8,7 @@ caller run in a script of their own.
 from __future__ import annotations
 
 import gc
+import os
 import queue
 import threading
 import time
@@ -319,3 +320,34 @@ def test_pickling_a_pool_says_so() -> None:
         pytest.raises(TypeError, match="cannot be pickled"),
     ):
         pickle.dumps(pool)
+
+
+# -- 10. shared memory is given back ------------------------------------------------------
+
+
+def _shm_bytes(parent_pid: int) -> int:
+    return sum(p.stat().st_size for p in Path("/dev/shm").glob(f"psm-{parent_pid}-*"))
+
+
+def _mapped_segments() -> list[str]:
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    return [line for line in maps if f"/psm-{os.getpid()}-" in line]
+
+
+@pytest.mark.timeout(120)
+def test_shared_memory_of_dropped_results_is_released_and_unmapped_at_close() -> None:
+    pytest.importorskip("numpy")
+    pool = StateFullWorkerPool(2, hostile.four_mib_array, chunk_size=1)
+    with pool:
+        held = [r.ret_val for r in pool.map(range(100))]
+        peak = _shm_bytes(os.getpid())
+        assert peak >= 300 * 2**20
+        del held
+        gc.collect()
+        for _ in range(2):  # the next messages tell the workers what the caller let go of
+            assert len(list(pool.map(range(4)))) == 4
+        gc.collect()
+        assert _shm_bytes(os.getpid()) <= 160 * 2**20, "freed segments stay parked in /dev/shm"
+    gc.collect()
+    assert _mapped_segments() == [], "a closed pool still maps its workers' segments"
+    assert _shm_bytes(os.getpid()) == 0

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._device_errors import DevicePoisoned, is_sticky_device_error
 from ._gpu_memory import MemoryShare, is_out_of_memory
 from ._host_copy import move_to_cpu, rebuild_tuple, tuple_fields
 from ._prefetch import BatchPreparer
@@ -53,6 +54,10 @@ class BatchOutcome:
     values: list[Any]
     errors: dict[int, BaseException] = field(default_factory=dict)
     oom_backoffs: int = 0
+    #: Set when the device was poisoned (``_device_errors``): items from here did not run,
+    #: the first ``suspects`` of them together hit the sticky error.
+    unrun_from: int | None = None
+    suspects: int = 0
 
 
 class BatchRunner:
@@ -122,8 +127,17 @@ class BatchRunner:
         """
         chunk = _Chunk(list(items), first_index)
         backoffs_before = self._backoffs
-        with self._batches.chunk(chunk.items):
-            self._run_in_steps(chunk, 0, len(chunk.items))
+        try:
+            with self._batches.chunk(chunk.items):
+                self._run_in_steps(chunk, 0, len(chunk.items))
+        except DevicePoisoned as poisoned:  # stop: every later call would fail the same way
+            return BatchOutcome(
+                chunk.values,
+                chunk.errors,
+                self._backoffs - backoffs_before,
+                unrun_from=poisoned.start,
+                suspects=poisoned.suspects,
+            )
         return BatchOutcome(chunk.values, chunk.errors, self._backoffs - backoffs_before)
 
     def _run_in_steps(self, chunk: _Chunk, start: int, stop: int) -> None:
@@ -138,6 +152,11 @@ class BatchRunner:
         error = self._try_call(chunk, start, stop)
         if error is None:
             self._note_success(stop - start)
+        elif is_sticky_device_error(error):
+            if stop - start == 1:  # the culprit is known: it gets the error
+                chunk.fail(start, stop, error)
+                raise DevicePoisoned(stop, 0, error)
+            raise DevicePoisoned(start, stop - start, error)
         elif is_out_of_memory(error):
             # The traceback's frames hold the batch's tensors: clear them before retrying.
             traceback.clear_frames(error.__traceback__)

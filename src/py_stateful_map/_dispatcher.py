@@ -11,9 +11,18 @@ fault policy so the map above never sees a death, only per-item outcomes:
 - chunks queued behind the running one are re-run as they were (they never started);
 - a chunk whose items or results cannot be unpickled is split the same way, so the error
   lands on the one item at fault;
-- a worker past ``task_timeout`` is killed; its item gets ``TaskTimeoutError``.
+- a worker past ``task_timeout`` is killed; its item gets ``TaskTimeoutError``;
+- results the parent cannot unpickle are sent again item by item (``ResendItemwise``): only
+  the items at fault fail, and nothing runs twice;
+- a worker whose device is poisoned (a sticky CUDA error: every later call would fail) answers
+  what it finished, names the items it did not run, and exits; those items re-run elsewhere;
+- a worker that ended is replaced by a new one with the same kwargs once the old process is
+  gone (its GPU memory freed), at most ``init_concurrency`` building state at once; a
+  replacement whose constructor fails is retried with back-off, and a slot that fails three
+  times in a row is *lost*: the pool goes on with the other workers.
 
-Execution is therefore at-least-once for items that were running on a worker that died.
+Slot and chunk life cycles are drawn in ``_slots``. Execution is at-least-once for items
+that were running on a worker that died, exactly-once otherwise.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from typing import Any
 
 from ._fault_reports import died_error, init_death_error, init_error, init_timeout_error
 from ._protocol import (
+    EXIT_POISONED,
     ChunkDone,
     ChunkUnreadable,
     FromWorker,
@@ -39,7 +49,7 @@ from ._protocol import (
     WorkerExited,
 )
 from ._serialization import decode_itemwise
-from ._worker_stats import WorkerSlot
+from ._slots import Chunk, Completion, WorkerSlot
 from .backends.base import Backend
 from .errors import (
     PoolBrokenError,
@@ -54,37 +64,11 @@ logger = logging.getLogger("py_stateful_map")
 #: Chunks a worker may hold at once: one running, one waiting in its inbox, so it never idles
 #: while the parent is busy.
 PREFETCH_CHUNKS = 2
-#: A restarted worker that dies this many times in a row before becoming ready breaks the pool.
-MAX_CONSECUTIVE_INIT_DEATHS = 3
-
-
-@dataclass(eq=False)
-class Chunk:
-    """Consecutive items ``start ..`` of one map run, as dispatched to one worker."""
-
-    chunk_id: int
-    run_id: int
-    start: int
-    items: list[Any]
-    attempts: int = 0  # deaths of a worker while running this chunk *alone*
-    alone: bool = False  # must run on a worker holding nothing else (blame must be certain)
-
-    def split(self, next_id: Any, *, alone: bool = False) -> list[Chunk]:
-        return [
-            Chunk(next_id(), self.run_id, self.start + offset, [item], self.attempts, alone)
-            for offset, item in enumerate(self.items)
-        ]
-
-
-@dataclass(eq=False)
-class Completion:
-    """Final outcome of every item of a chunk."""
-
-    chunk: Chunk
-    values: list[Any]
-    errors: list[ItemError] | None
-    busy_seconds: float = 0.0  # worker time, for the chunk sizer; 0 when no worker ran it
-    payload_bytes: int = 0  # size of the results as transported, for the chunk sizer
+#: A replacement worker that fails this many times in a row before becoming ready (its
+#: constructor raised or its process died) loses its slot.
+MAX_CONSECUTIVE_INIT_FAILURES = 3
+#: Seconds before the first retry of a failed replacement; doubles with each failure.
+RESTART_BACKOFF_SECONDS = 0.5
 
 
 def closed_message() -> str:
@@ -135,30 +119,42 @@ class Dispatcher:
     # -- start-up -------------------------------------------------------------------------
 
     def start_all(self) -> None:
-        """Start every worker and wait until all are ready; raise ``WorkerInitError`` if not."""
-        waiting = deque(self.slots)
-        limit = self.policy.init_concurrency or len(self.slots)
-        while waiting or any(slot.state == "starting" for slot in self.slots):
-            starting = sum(1 for slot in self.slots if slot.state == "starting")
-            while waiting and starting < limit:
-                self._start(waiting.popleft())
-                starting += 1
+        """Start every worker and wait until all are ready; raise ``WorkerInitError`` if not.
+
+        At start-up a failing constructor fails the pool at once (it is most likely a bug that
+        every worker shares); only replacements are retried.
+        """
+        for slot in self.slots:
+            slot.mark_waiting()
+        while any(slot.state in ("waiting", "starting") for slot in self.slots):
+            self._start_waiting()
             for index, message in self.backend.wait(self._timeout_until_deadline(None)):
                 slot = self.slots[index]
                 if isinstance(message, Ready):
-                    slot.mark_ready(message.pid, message.init_seconds)
-                    logger.info(
-                        "worker %d ready (pid %s%s, %.2fs)",
-                        slot.index,
-                        message.pid,
-                        slot.device_note,
-                        message.init_seconds,
-                    )
+                    self._mark_ready(slot, message)
                 elif isinstance(message, InitFailed):
                     raise init_error(slot, message)
                 elif isinstance(message, WorkerExited):
                     raise init_death_error(slot, message)
             self._check_init_deadlines(fail=True)
+
+    def _start_waiting(self) -> None:
+        """Start waiting slots, as many as ``init_concurrency`` allows, once each may start."""
+        if self.closed:
+            return
+        limit = self.policy.init_concurrency or len(self.slots)
+        starting = sum(1 for slot in self.slots if slot.state == "starting")
+        now = time.monotonic()
+        for slot in self.slots:
+            if starting >= limit:
+                return
+            if (
+                slot.state == "waiting"
+                and now >= slot.start_after
+                and not self.backend.exiting(slot.index)
+            ):
+                self._start(slot)
+                starting += 1
 
     def _start(self, slot: WorkerSlot) -> None:
         if self.closed:
@@ -166,6 +162,16 @@ class Dispatcher:
         slot.mark_starting()
         self.backend.start_worker(slot.index)
         slot.pid = self.backend.pid(slot.index)
+
+    def _mark_ready(self, slot: WorkerSlot, message: Ready) -> None:
+        slot.mark_ready(message.pid, message.init_seconds)
+        logger.info(
+            "worker %d ready (pid %s%s, %.2fs)",
+            slot.index,
+            message.pid,
+            slot.device_note,
+            message.init_seconds,
+        )
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -253,37 +259,22 @@ class Dispatcher:
             self._handle(self.slots[index], message)
         self._check_task_deadlines()
         self._check_init_deadlines(fail=False)
+        self._start_waiting()
         completions, self._completions = self._completions, []
         return completions
 
     def _handle(self, slot: WorkerSlot, message: FromWorker) -> None:
         if isinstance(message, ChunkDone):
-            chunk = self._pop_running(slot, message.chunk_id)
-            if message.itemwise:
-                values, errors = decode_itemwise(message.payload, chunk.start, len(chunk.items))
-            else:
-                slot.record_chunk(len(chunk.items), message.busy_seconds, message.oom_backoffs)
-                values, errors = message.payload
-            if len(values) != len(chunk.items):
-                self._complete_with_error(chunk, _miscount_error(slot, chunk, len(values)))
-            elif chunk.run_id == self.run_id:
-                self._completions.append(
-                    Completion(chunk, values, errors, message.busy_seconds, message.payload_bytes)
-                )
-            self._recycle_if_due(slot)
+            self._answered(slot, message)
         elif isinstance(message, ResultUnreadable) and self.backend.resends_itemwise:
             self._ask_itemwise(slot, self._pop_running(slot, message.chunk_id))
         elif isinstance(message, ChunkUnreadable | ResultUnreadable):
             chunk = self._pop_running(slot, message.chunk_id)
             self._isolate(chunk, str(message.payload), isinstance(message, ChunkUnreadable))
         elif isinstance(message, Ready):
-            slot.mark_ready(message.pid, message.init_seconds)
-            logger.info(
-                "worker %d ready (pid %s, %.2fs)", slot.index, message.pid, message.init_seconds
-            )
+            self._mark_ready(slot, message)
         elif isinstance(message, InitFailed):
-            self.broken = True  # a restarted worker's constructor failed: it would again
-            raise init_error(slot, message)
+            self._replacement_failed(slot, init_error(slot, message))
         elif isinstance(message, WorkerExited):
             self._handle_death(slot, message)
 
@@ -295,6 +286,52 @@ class Dispatcher:
             chunk = slot.in_flight.popleft()
         slot.running_since = time.monotonic() if slot.in_flight else None
         return chunk
+
+    def _answered(self, slot: WorkerSlot, message: ChunkDone) -> None:
+        """A chunk's answer: check it covers every item, then complete what ran."""
+        chunk = self._pop_running(slot, message.chunk_id)
+        values: list[Any]
+        errors: list[ItemError] | None
+        if message.itemwise:
+            values, errors = decode_itemwise(message.payload, chunk.start, len(chunk.items))
+        else:
+            slot.record_chunk(len(chunk.items), message.busy_seconds, message.oom_backoffs)
+            values, errors = message.payload
+        if len(values) != len(chunk.items):
+            self._complete_with_error(chunk, _miscount_error(slot, chunk, len(values)))
+            return
+        if message.unrun_from is not None:
+            chunk, values, errors = self._requeue_unrun(chunk, message, values, errors)
+        if chunk.run_id == self.run_id and chunk.items:
+            self._completions.append(
+                Completion(chunk, values, errors, message.busy_seconds, message.payload_bytes)
+            )
+        self._recycle_if_due(slot)
+
+    def _requeue_unrun(
+        self,
+        chunk: Chunk,
+        message: ChunkDone,
+        values: list[Any],
+        errors: list[ItemError] | None,
+    ) -> tuple[Chunk, list[Any], list[ItemError] | None]:
+        """A poisoned worker's answer: keep what it ran, re-run the rest on another worker.
+
+        The ``suspects`` (a batch that hit the sticky error together) re-run one by one, so
+        the next poisoning names its item; the items after them re-run as one chunk.
+        """
+        done = message.unrun_from or 0
+        if chunk.run_id == self.run_id:
+            rest = chunk.tail(self.new_chunk_id, done)
+            suspects = rest.items[: message.suspects]
+            requeue = Chunk(
+                self.new_chunk_id(), rest.run_id, rest.start, suspects
+            ).split(self.new_chunk_id)
+            if len(rest.items) > len(suspects):
+                requeue.append(rest.tail(self.new_chunk_id, len(suspects)))
+            self._retry.extendleft(reversed(requeue))
+        kept = Chunk(chunk.chunk_id, chunk.run_id, chunk.start, chunk.items[:done])
+        return kept, values[:done], [e for e in errors or () if e[0] < done] or None
 
     def _ask_itemwise(self, slot: WorkerSlot, chunk: Chunk) -> None:
         """Results that cannot be unpickled as a whole: have the worker send each item alone.
@@ -349,7 +386,10 @@ class Dispatcher:
             cause,
             f"; holding items from {held[0].start}" if held else "",
         )
-        if len(held) == 1 or (held and self.backend.answers_in_order):
+        if message.exitcode == EXIT_POISONED:
+            # It exited after answering: nothing was running, the rest never started.
+            self._retry.extendleft(reversed([c for c in held if c.run_id == self.run_id]))
+        elif len(held) == 1 or (held and self.backend.answers_in_order):
             # The oldest chunk in hand is the one that was running: its answer would have
             # been delivered before the worker read the next one.
             self._settle_running_chunk(slot, held[0], message, timed_out)
@@ -397,13 +437,6 @@ class Dispatcher:
     def _restart(
         self, slot: WorkerSlot, was_starting: bool, message: WorkerExited, cause: str
     ) -> None:
-        slot.consecutive_init_deaths = slot.consecutive_init_deaths + 1 if was_starting else 0
-        if slot.consecutive_init_deaths >= MAX_CONSECUTIVE_INIT_DEATHS:
-            self.broken = True
-            raise PoolBrokenError(
-                f"worker {slot.index}{slot.device_note} died {slot.consecutive_init_deaths} times "
-                f"in a row while starting (last: {cause}); giving up"
-            )
         self.restarts += 1
         cap = self.policy.max_restarts
         if cap is not None and self.restarts > cap:
@@ -413,7 +446,46 @@ class Dispatcher:
                 f"{slot.index} (pid {message.pid}) {describe_exit(message.exitcode)}"
             )
         slot.restarts += 1
-        self._start(slot)
+        if was_starting:
+            error = PoolBrokenError(
+                f"worker {slot.index}{slot.device_note} {cause} while starting, "
+                f"{slot.consecutive_init_failures + 1} times in a row"
+            )
+            self._replacement_failed(slot, error)
+        else:
+            slot.mark_waiting()
+
+    def _replacement_failed(self, slot: WorkerSlot, error: BaseException) -> None:
+        """A replacement could not build its state: retry with back-off, or lose the slot.
+
+        A constructor that fails after a restart often meets a passing condition (the old
+        process's GPU memory not yet freed, a file system hiccup). Three failures in a row
+        lose the slot — e.g. one bad GPU — and the pool goes on with the others.
+        """
+        slot.consecutive_init_failures += 1
+        failures = slot.consecutive_init_failures
+        if failures < MAX_CONSECUTIVE_INIT_FAILURES:
+            delay = RESTART_BACKOFF_SECONDS * 2 ** (failures - 1)
+            logger.warning(
+                "replacement of worker %d%s failed (%s); retrying in %.1fs",
+                slot.index,
+                slot.device_note,
+                error,
+                delay,
+            )
+            slot.mark_waiting(delay)
+            return
+        slot.state = "lost"
+        if all(other.state == "lost" for other in self.slots):
+            self.broken = True
+            raise error
+        logger.error(
+            "worker %d%s failed %d times in a row while starting (%s); going on without it",
+            slot.index,
+            slot.device_note,
+            failures,
+            error,
+        )
 
     def _recycle_if_due(self, slot: WorkerSlot) -> None:
         limit = self.policy.max_tasks_per_worker
@@ -422,13 +494,14 @@ class Dispatcher:
         logger.info("recycling worker %d after %d items", slot.index, slot.items_assigned)
         self.backend.retire(slot.index)
         slot.recycles += 1
-        self._start(slot)
+        slot.mark_waiting()  # its successor starts once the old process has exited
 
     # -- deadlines ------------------------------------------------------------------------
 
     def _timeout_until_deadline(self, timeout: float | None) -> float | None:
         deadlines = [d for d in (self._task_deadline(s) for s in self.slots) if d is not None]
         deadlines += [d for d in (self._init_deadline(s) for s in self.slots) if d is not None]
+        deadlines += [s.start_after for s in self.slots if s.state == "waiting"]
         if not deadlines:
             return timeout
         until = max(0.0, min(deadlines) - time.monotonic())

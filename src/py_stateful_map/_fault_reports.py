@@ -7,7 +7,7 @@ multi-hour job failed) can be read and improved in one place.
 from __future__ import annotations
 
 from ._protocol import InitFailed, WorkerExited
-from ._worker_stats import WorkerSlot
+from ._slots import WorkerSlot
 from .errors import RemoteTraceback, WorkerDiedError, WorkerInitError, describe_exit
 
 

@@ -24,9 +24,10 @@ from itertools import chain, repeat
 from typing import Any, Generic
 
 from ._chunking import ChunkSizer
-from ._dispatcher import Chunk, Completion, Dispatcher, closed_message
+from ._dispatcher import Dispatcher, closed_message
 from ._input import reader_for
 from ._protocol import ItemError
+from ._slots import Chunk, Completion
 from .errors import PoolBrokenError, PoolBusyError, RemoteTraceback
 from .results import ExceptionBehavior, T, WorkerResultWrapper
 

@@ -16,6 +16,9 @@ from typing import Any
 
 #: One failed item inside a chunk: (offset in the chunk, exception, worker traceback text).
 ItemError = tuple[int, BaseException, str]
+#: Exit status of a worker that left because its device is poisoned (a sticky CUDA error):
+#: it answered its running chunk first, so nothing it held was running when it exited.
+EXIT_POISONED = 75
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,8 @@ class ChunkDone:
     ``values`` has one entry per item; an entry whose offset appears in ``errors`` is None.
     An ``itemwise`` answer (to ``ResendItemwise``) carries one pickled outcome per item
     instead (``_serialization.encode_itemwise``), or None if the worker no longer has them.
+    A poisoned worker's answer covers only items before ``unrun_from``; the ``suspects``
+    items from there ran together into the sticky error, the rest never ran.
     """
 
     chunk_id: int
@@ -78,6 +83,8 @@ class ChunkDone:
     start: int = 0  # index of the chunk's first item, for error messages
     payload_bytes: int = 0  # filled in by the receiving transport, for the chunk sizer
     itemwise: bool = False
+    unrun_from: int | None = None
+    suspects: int = 0
     payload: Any = None
 
 

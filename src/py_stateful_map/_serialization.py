@@ -91,6 +91,13 @@ class Codec:
         self.pool = pool  # None: everything in-band (no /dev/shm, or threads)
         self.reader = SegmentReader()
         self.lent: set[str] = set()  # our segments the peer may still be using
+        self._removed: list[str] = [] if pool is None else pool.subscribe()
+
+    def close(self) -> None:
+        """This end is done: drop the mappings of the peer's segments."""
+        self.reader.close()
+        if self.pool is not None:
+            self.pool.unsubscribe(self._removed)
 
     def reclaim(self) -> None:
         """The peer is gone: every segment it held is free again."""
@@ -101,9 +108,10 @@ class Codec:
     def encode(self, message: Any) -> tuple[bytes, int]:
         """Frame a message; returns the frame and the payload size including shared memory."""
         payload_bytes, descriptors = self._dump_payload(message.payload)
+        settled = (self.reader.take_released(), self._removed[:])
+        self._removed.clear()
         header = pickle.dumps(
-            (dataclasses.replace(message, payload=None), descriptors, self.reader.take_released()),
-            _PROTOCOL,
+            (dataclasses.replace(message, payload=None), descriptors, settled), _PROTOCOL
         )
         frame = b"".join((_HEADER_SIZE.pack(len(header)), header, payload_bytes))
         self.lent.update(name for name, _ in descriptors)
@@ -127,7 +135,9 @@ class Codec:
         go next to the frame and ``with_payload(..., detached=...)`` puts them back.
         """
         payload_bytes, buffers = _dumps_detached(message.payload)
-        header = pickle.dumps((dataclasses.replace(message, payload=None), [], []), _PROTOCOL)
+        header = pickle.dumps(
+            (dataclasses.replace(message, payload=None), [], ([], [])), _PROTOCOL
+        )
         frame = b"".join((_HEADER_SIZE.pack(len(header)), header, payload_bytes))
         return frame, buffers, len(payload_bytes) + sum(b.raw().nbytes for b in buffers)
 
@@ -136,10 +146,12 @@ class Codec:
         (size,) = _HEADER_SIZE.unpack_from(frame)
         view = memoryview(frame)
         end = _HEADER_SIZE.size + size
-        message, descriptors, released = pickle.loads(view[_HEADER_SIZE.size : end])
+        message, descriptors, (released, removed) = pickle.loads(view[_HEADER_SIZE.size : end])
         if released and self.pool is not None:
             self.lent.difference_update(released)
             self.pool.give_back(released)
+        if removed:
+            self.reader.forget(removed)
         return message, view[end:], descriptors
 
     def with_payload(

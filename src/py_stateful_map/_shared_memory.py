@@ -48,6 +48,8 @@ logger = logging.getLogger("py_stateful_map")
 
 #: Buffers at least this large go through shared memory; smaller ones are cheaper in-band.
 THRESHOLD = 256 * 1024
+#: Bytes of free segments a sender always may keep for reuse (more while more is in use).
+REUSE_FLOOR = 64 * 1024 * 1024
 #: Where segments live; ``PY_STATEFUL_MAP_SHM_DIR`` points elsewhere (e.g. a larger tmpfs
 #: when a container's /dev/shm is tiny). Workers inherit it with the environment.
 SHM_DIR = Path(os.environ.get("PY_STATEFUL_MAP_SHM_DIR", "/dev/shm"))
@@ -83,6 +85,7 @@ class SegmentPool:
         self._free: list[_Segment] = []
         self._lent: dict[str, _Segment] = {}
         self._warned = False
+        self._subscribers: list[list[str]] = []  # each receiver's names unlinked since
 
     def dumps(self, obj: Any) -> tuple[bytes, list[Descriptor]]:
         """Pickle ``obj``; large buffers go to segments listed in the returned descriptors."""
@@ -109,11 +112,47 @@ class SegmentPool:
         return stream.getvalue(), descriptors
 
     def give_back(self, names: Any) -> None:
-        """The receiver no longer uses these segments: reuse them."""
+        """The receiver no longer uses these segments: keep some for reuse, unlink the rest.
+
+        The reuse cache is bounded by what is in use now (twice it, at least
+        ``REUSE_FLOOR`` bytes): a caller that held every result of a map, then dropped them,
+        gets that memory back instead of leaving it parked in /dev/shm for the pool's life.
+        """
         for name in names:
             segment = self._lent.pop(name, None)
             if segment is not None:
                 self._free.append(segment)
+        in_use = sum(segment.capacity for segment in self._lent.values())
+        budget = max(REUSE_FLOOR, 2 * in_use)
+        self._free.sort(key=lambda segment: segment.capacity)
+        kept = 0
+        for segment in list(self._free):
+            if kept + segment.capacity <= budget:
+                kept += segment.capacity
+                continue
+            self._free.remove(segment)
+            self._unlink(segment)
+
+    def subscribe(self) -> list[str]:
+        """A list that every unlinked segment's name is appended to, for one receiver.
+
+        A pool shared by several channels (the parent's, for inputs) must tell each receiver,
+        since any of them may map any segment.
+        """
+        names: list[str] = []
+        self._subscribers.append(names)
+        return names
+
+    def unsubscribe(self, names: list[str]) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(names)
+
+    def _unlink(self, segment: _Segment) -> None:
+        _remove(SHM_DIR / segment.name)
+        with contextlib.suppress(BufferError):  # still exported: freed with its arrays
+            segment.mapping.close()
+        for names in self._subscribers:
+            names.append(segment.name)
 
     def _segment_for(self, size: int) -> _Segment | None:
         fitting = [s for s in self._free if s.capacity >= size]
@@ -154,9 +193,7 @@ class SegmentPool:
     def close(self) -> None:
         """Unlink every segment; receivers that still map one keep their data."""
         for segment in [*self._free, *self._lent.values()]:
-            _remove(SHM_DIR / segment.name)
-            with contextlib.suppress(BufferError):  # still exported: freed with its arrays
-                segment.mapping.close()
+            self._unlink(segment)
         self._free.clear()
         self._lent.clear()
 
@@ -193,6 +230,19 @@ class SegmentReader:
 
     def _release(self, name: str) -> None:
         self._released.append(name)  # runs when the last array on the view is gone
+
+    def forget(self, names: list[str]) -> None:
+        """The sender unlinked these segments: drop our mappings (arrays on them keep theirs).
+
+        A mapping of an unlinked file keeps its pages alive; without this, a reader would pin
+        every segment it ever saw.
+        """
+        for name in names:
+            self._mappings.pop(name, None)
+
+    def close(self) -> None:
+        """Drop every mapping; what live arrays still use is freed with them."""
+        self._mappings.clear()
 
     def take_released(self) -> list[str]:
         """Segments no longer in use since the last call, to name in the next message."""

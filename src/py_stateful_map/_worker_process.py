@@ -30,6 +30,7 @@ from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
 from ._protocol import (
+    EXIT_POISONED,
     ChunkDone,
     ChunkUnreadable,
     InitFailed,
@@ -41,6 +42,7 @@ from ._protocol import (
 )
 from ._serialization import Codec, dumps, loads
 from ._shared_memory import Descriptor, SegmentPool, available, prefix_for, unlink_prefix
+from ._worker_env import ensure_environment_in_time, enter_worker_environment
 from ._worker_runtime import WorkerRuntime, report_error
 from .errors import SerializationError
 
@@ -65,7 +67,7 @@ def worker_process_main(
     global _parent_pid
     _parent_pid = parent_pid
     started = time.perf_counter()
-    os.environ.update(env)  # before any user import: e.g. CUDA_VISIBLE_DEVICES
+    enter_worker_environment(env)  # spawn/forkserver: done before __main__ (see _worker_env)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     crash_log = open(crash_log_path, "w")  # noqa: SIM115, PTH123 - must outlive this frame
     faulthandler.enable(file=crash_log, all_threads=True)
@@ -74,6 +76,7 @@ def worker_process_main(
     pool = SegmentPool(prefix, loud=False) if available() else None
     codec = Codec(pool)
     try:
+        ensure_environment_in_time(env)  # CUDA started without the mask: fail, never misplace
         runtime = WorkerRuntime(loads(spec_bytes), retained_answers=RETAINED_ANSWERS)
         greeting: Ready | InitFailed = runtime.start()
         if isinstance(greeting, Ready):  # count the imports unpickling the worker triggered
@@ -97,6 +100,10 @@ def worker_process_main(
             _send(conn, codec, runtime.resend_itemwise(task))
             continue
         _send(conn, codec, run_encoded_chunk(runtime, codec, task, raw_items, descriptors))
+        if runtime.poisoned:  # a sticky CUDA error: a fresh process must run the rest
+            if pool is not None:
+                pool.close()
+            os._exit(EXIT_POISONED)
 
 
 def _exit_without_waiting_for_threads() -> NoReturn:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._device_errors import is_sticky_device_error
 from ._protocol import ChunkDone, InitFailed, ItemError, Ready, ResendItemwise, RunChunk
 from ._serialization import encode_itemwise
 from .results import ArgumentPassing
@@ -97,17 +98,21 @@ def run_items(
     items: list[Any],
     propagates: Callable[[BaseException], bool] = never_propagates,
     first_index: int = 0,
-) -> tuple[list[Any], list[ItemError] | None]:
+) -> tuple[list[Any], list[ItemError] | None, int | None]:
     """Call ``call`` on each item, keeping going past failures; one outcome per item.
 
     ``list.extend(map(...))`` runs the loop in C and keeps the values produced before an
     exception, so the failing item is at ``len(values)`` and the loop resumes after it: tiny
     tasks pay only for the call itself. A ``StopIteration`` from ``call`` ends ``map`` quietly
     instead: a short count after a normal return means item ``len(values)`` raised it.
+
+    The third value is where the items stopped being run because the device is poisoned
+    (``_device_errors``), else None; the values list still has one entry per item.
     """
     values: list[Any] = []
     errors: list[ItemError] | None = None
     count = len(items)
+    unrun_from: int | None = None
     while len(values) < count:
         position = len(values)
         error: BaseException
@@ -125,12 +130,17 @@ def run_items(
             errors = []
         offset = len(values)
         values.append(None)
+        sticky = is_sticky_device_error(error)
         errors.append((offset, *report_error(error)))
-    return values, errors
+        if sticky and offset + 1 < count:
+            unrun_from = offset + 1
+            values.extend([None] * (count - unrun_from))
+    return values, errors, unrun_from
 
 
-#: One chunk's values, per-item errors and OOM back-offs.
-_Outcome = tuple[list[Any], list[ItemError] | None, int]
+#: One chunk's values, per-item errors, OOM back-offs, and where a poisoned device stopped
+#: it (the offset of the first item not run, and how many from there ran into the error).
+_Outcome = tuple[list[Any], list[ItemError] | None, int, int | None, int]
 #: Runs a chunk's items; the int is the map position of the first one (for messages).
 _Runner = Callable[[list[Any], int], _Outcome]
 
@@ -153,6 +163,8 @@ class WorkerRuntime:
         self._retained = retained_answers
         self._answers: OrderedDict[int, tuple[list[Any], list[ItemError] | None]]
         self._answers = OrderedDict()
+        #: The device hit a sticky error: answer, then exit with ``EXIT_POISONED``.
+        self.poisoned = False
 
     def start(self) -> Ready | InitFailed:
         """Build the user's state; report success or the constructor's exception."""
@@ -174,8 +186,8 @@ class WorkerRuntime:
             propagates = self._propagates
 
             def run_unbatched(items: list[Any], first_index: int) -> _Outcome:
-                values, errors = run_items(call, items, propagates, first_index)
-                return values, errors, 0
+                values, errors, unrun_from = run_items(call, items, propagates, first_index)
+                return values, errors, 0, unrun_from, 0
 
             return run_unbatched
         from ._batch_runner import BatchRunner
@@ -195,7 +207,13 @@ class WorkerRuntime:
             errors: list[ItemError] | None = [
                 (offset, *report_error(exc)) for offset, exc in sorted(outcome.errors.items())
             ] or None
-            return outcome.values, errors, outcome.oom_backoffs
+            return (
+                outcome.values,
+                errors,
+                outcome.oom_backoffs,
+                outcome.unrun_from,
+                outcome.suspects,
+            )
 
         return run_batched
 
@@ -203,7 +221,9 @@ class WorkerRuntime:
         """Run one chunk whose items are already unpickled."""
         assert self._run is not None, "start() must succeed before chunks are run"
         started = time.perf_counter()
-        values, errors, backoffs = self._run(items, task.start)
+        values, errors, backoffs, unrun_from, suspects = self._run(items, task.start)
+        if unrun_from is not None:
+            self.poisoned = True
         if self._retained:
             self._answers[task.chunk_id] = (values, errors)
             while len(self._answers) > self._retained:
@@ -213,6 +233,8 @@ class WorkerRuntime:
             start=task.start,
             busy_seconds=time.perf_counter() - started,
             oom_backoffs=backoffs,
+            unrun_from=unrun_from,
+            suspects=suspects,
             payload=(values, errors),
         )
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import signal
 
+from ._protocol import EXIT_POISONED
+
 
 class PoolError(Exception):
     """Base class of every error the pool itself raises."""
@@ -104,4 +106,6 @@ def describe_exit(exitcode: int | None) -> str:
         except ValueError:
             return f"killed by signal {-exitcode}"
         return _LIKELY_CAUSES.get(sig, f"killed by {sig.name}")
+    if exitcode == EXIT_POISONED:
+        return "left after a sticky CUDA error made its device unusable (it is replaced)"
     return f"exited with code {exitcode} (os._exit or sys.exit in the worker?)"

@@ -22,8 +22,8 @@ from ._dispatcher import Dispatcher, FaultPolicy
 from ._map_run import MapResult, MapRun
 from ._prefetch import check_prefetch, chunk_batches
 from ._progress import ProgressOption, ResultCallback, resolve_progress, with_progress
+from ._slots import WorkerSlot
 from ._worker_runtime import WorkerSpec
-from ._worker_stats import WorkerSlot
 from .backends.base import Backend
 from .errors import PoolBrokenError
 from .results import ArgumentPassing, ExceptionBehavior, T, WorkerResultWrapper
@@ -128,6 +128,7 @@ class StateFullWorkerPool(Generic[T]):
             batch_size,
             max_tasks_per_worker,
             init_timeout,
+            init_concurrency,
         )
         self._slot_count = max(1, num_workers)
         self.backend_name = backend
@@ -172,9 +173,7 @@ class StateFullWorkerPool(Generic[T]):
         self._ray_actor_options = list(ray_actor_options or [{}] * self._slot_count)
         self._backend = self._make_backend(specs, envs)
         self._closed = False
-        self._finalizer = weakref.finalize(
-            self, _shutdown_if_owner, self._backend, self._owner_pid
-        )
+        self._finalizer = weakref.finalize(self, _shutdown_if_owner, self._backend, self._owner_pid)
         slots = [WorkerSlot(index=i, device=devices[i]) for i in range(self._slot_count)]
         policy = FaultPolicy(
             max_retries,
@@ -325,6 +324,7 @@ def _validate(
     batch_size: int | None,
     max_tasks_per_worker: int | None,
     init_timeout: float | None,
+    init_concurrency: int | None,
 ) -> None:
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
@@ -347,6 +347,7 @@ def _validate(
         ("chunk_size", chunk_size),
         ("batch_size", batch_size),
         ("max_tasks_per_worker", max_tasks_per_worker),
+        ("init_concurrency", init_concurrency),
     ):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")

@@ -54,6 +54,13 @@ class Backend(Protocol):
     def retire(self, index: int) -> None:
         """Let worker ``index`` exit once idle and forget it, so a fresh one can take its slot."""
 
+    def exiting(self, index: int) -> bool:
+        """Whether the retired worker of slot ``index`` is still exiting.
+
+        Its successor starts only afterwards, so the two never hold one GPU's memory at once;
+        ``wait`` returns when it has exited.
+        """
+
     def pid(self, index: int) -> int | None:
         """The worker's process id (the parent's for threads)."""
 

@@ -39,6 +39,9 @@ class InlineBackend:
             self._events.append((index, self._runtime.run_chunk(message, message.payload)))
         return 0
 
+    def exiting(self, index: int) -> bool:
+        return False  # the inline worker's state is simply replaced
+
     def pid(self, index: int) -> int | None:
         return os.getpid()
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from .._chunking import LOCAL_POLICY
 from .._crash_dirs import make_crash_dir
+from .._device_discovery import ensure_fork_is_safe
 from .._protocol import (
     Stop,
     ToWorker,
@@ -44,6 +45,7 @@ from .._protocol import (
 )
 from .._serialization import Codec, decode_from_worker, dumps_by_value, pickle_specs
 from .._shared_memory import SegmentPool, available, prefix_for, sweep_orphans, unlink_prefix
+from .._worker_env import WorkerName
 from .._worker_process import worker_process_main
 from .._worker_runtime import WorkerSpec
 from ..errors import SerializationError
@@ -100,12 +102,14 @@ class _Channel:
             self._sock = None
         self._outbox.clear()
         self.conn.close()
+        self.codec.close()
 
 
 @dataclass(eq=False)
 class _Retiring:
     """A worker told to stop (recycled): reaped when it exits, killed at ``deadline``."""
 
+    index: int
     process: BaseProcess
     channel: _Channel
     deadline: float
@@ -156,6 +160,7 @@ class ProcessBackend:
         return self._crash_dir / f"worker-{index}.log"
 
     def start_worker(self, index: int) -> None:
+        ensure_fork_is_safe(self._start_method)  # every fork: CUDA may have started meanwhile
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=worker_process_main,
@@ -168,7 +173,8 @@ class ProcessBackend:
                 self._start_method == "forkserver"
                 or threading.current_thread() is threading.main_thread(),
             ),
-            name=f"py_stateful_map-worker-{index}",
+            # the name carries the environment: applied before the child imports __main__
+            name=WorkerName(f"py_stateful_map-worker-{index}", self._envs[index]),
         )
         process.start()
         child_conn.close()  # only the child holds its end, so EOF reaches each side on death
@@ -223,6 +229,8 @@ class ProcessBackend:
                 owner[channel.conn.fileno()] = index
                 flags = select.POLLIN | (select.POLLOUT if channel.pending else 0)
                 poller.register(channel.conn.fileno(), flags)
+        if self._retiring:  # one may have exited since the last wait
+            self._tend_retiring()
         for retiring in self._retiring:
             owner[retiring.process.sentinel] = _RETIRING
             poller.register(retiring.process.sentinel, select.POLLIN)
@@ -308,9 +316,12 @@ class ProcessBackend:
             return
         channel.enqueue(channel.codec.encode(Stop())[0])
         deadline = time.monotonic() + self._retire_grace
-        self._retiring.append(_Retiring(process, channel, deadline))
+        self._retiring.append(_Retiring(index, process, channel, deadline))
         self._processes[index] = None
         self._channels[index] = None
+
+    def exiting(self, index: int) -> bool:
+        return any(retiring.index == index for retiring in self._retiring)
 
     def _tend_retiring(self) -> None:
         """Flush Stop to retiring workers, reap those that exited, kill those past due."""
@@ -330,6 +341,7 @@ class ProcessBackend:
                 continue
             retiring.process.join(_REAP_SECONDS)
             retiring.channel.close()
+            self._woken = True  # its slot may start a successor now: let the dispatcher act
         self._retiring = still
 
     def shutdown(self, grace: float | None, *, cancel: bool) -> None:
@@ -346,20 +358,7 @@ class ProcessBackend:
                 channel.enqueue(channel.codec.encode(Stop())[0])
         deadline = None if grace is None else time.monotonic() + grace
         _wait_for_exit(live, deadline)
-        for process, _ in live:
-            if process.is_alive():
-                log = logger.info if cancel else logger.warning  # cancelling: expected
-                log("worker pid %s did not stop in time; terminating it", process.pid)
-                process.terminate()
-                process.join(1.0)
-            if process.is_alive():
-                _kill(process)
-            if process.is_alive():
-                logger.error(
-                    "worker pid %s survives SIGKILL (stuck in the kernel or a driver); "
-                    "leaving it behind",
-                    process.pid,
-                )
+        _force_exit([process for process, _ in live], cancel=cancel)
         for _, channel in live:
             if channel is not None:
                 channel.close()
@@ -384,6 +383,33 @@ _RETIRING = -2
 #: stuck in the kernel (an uninterruptible GPU driver call) survives SIGKILL: never wait
 #: forever for it.
 _REAP_SECONDS = 5.0
+
+
+def _force_exit(processes: list[BaseProcess], *, cancel: bool) -> None:
+    """Terminate the workers still alive, then kill them; all at once, each step bounded."""
+    stragglers = [process for process in processes if process.is_alive()]
+    log = logger.info if cancel else logger.warning  # cancelling: expected
+    for process in stragglers:
+        log("worker pid %s did not stop in time; terminating it", process.pid)
+        process.terminate()
+    _join_all(stragglers, 1.0)
+    for process in stragglers:
+        if process.is_alive():
+            process.kill()
+    _join_all(stragglers, _REAP_SECONDS)
+    for process in stragglers:
+        if process.is_alive():
+            logger.error(
+                "worker pid %s survives SIGKILL (stuck in the kernel or a driver); "
+                "leaving it behind",
+                process.pid,
+            )
+
+
+def _join_all(processes: list[BaseProcess], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
 
 
 def _kill(process: BaseProcess) -> None:
@@ -419,14 +445,12 @@ def _preload_modules(specs: Sequence[WorkerSpec]) -> list[str]:
     """Modules the forkserver imports before forking workers, so each starts warm.
 
     Only takes effect when this process starts its forkserver (the first pool); a module
-    that fails to import there is skipped by multiprocessing itself.
+    that fails to import there is skipped by multiprocessing itself. Never a user module:
+    the forkserver runs without any worker's device mask, and a module that touches CUDA at
+    import (``torch.cuda.is_available()``) would initialize it there, for every worker forked
+    from it. Workers import the user's modules themselves, masked (see ``_worker_env``).
     """
-    modules = ["py_stateful_map._worker_process"]
-    modules += [name for name in _PRELOADABLE if name in sys.modules]
-    module = getattr(specs[0].target, "__module__", None) if specs else None
-    if module and module not in {"__main__", "__mp_main__"} and module in sys.modules:
-        modules.append(module)
-    return modules
+    return ["py_stateful_map._worker_process", *(m for m in _PRELOADABLE if m in sys.modules)]
 
 
 def process_sentinel(process: BaseProcess | None) -> int | None:

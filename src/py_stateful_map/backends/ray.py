@@ -56,7 +56,16 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from .._chunking import REMOTE_POLICY
-from .._protocol import InitFailed, Ready, RunChunk, ToWorker, WorkerExited
+from .._protocol import (
+    EXIT_POISONED,
+    ChunkDone,
+    InitFailed,
+    Ready,
+    ResendItemwise,
+    RunChunk,
+    ToWorker,
+    WorkerExited,
+)
 from .._serialization import decode_from_worker, pickle_specs
 from .._worker_runtime import WorkerSpec
 from ..errors import PoolBrokenError, SerializationError
@@ -140,7 +149,7 @@ class _Actor:
 class RayBackend:
     """Run each worker in a Ray actor (``ray_actor_options[i]`` goes to ``.options()``)."""
 
-    resends_itemwise = False
+    resends_itemwise = True
     answers_in_order = False
     chunk_policy = REMOTE_POLICY
 
@@ -195,7 +204,7 @@ class RayBackend:
         )
 
     def send(self, index: int, message: ToWorker) -> int:
-        if not isinstance(message, RunChunk):
+        if not isinstance(message, RunChunk | ResendItemwise):
             return 0  # Stop: retire and shutdown end actors
         actor = self._actors[index]
         if actor is None:  # only after close: a dead actor's slot is restarted at once
@@ -264,6 +273,9 @@ class RayBackend:
             self._retiring.append(actor)
         else:
             self._kill(actor)
+
+    def exiting(self, index: int) -> bool:
+        return False  # Ray places an actor only once its GPU share is free
 
     def pid(self, index: int) -> int | None:
         actor = self._actors[index]
@@ -347,6 +359,12 @@ class RayBackend:
                 actor.exitcode = 0  # like a worker process, it ends after saying so
                 self._kill(actor)
             events.append((index, message))
+            if isinstance(message, ChunkDone) and message.unrun_from is not None:
+                # A sticky CUDA error: like a worker process, it ends after that answer, and
+                # the chunks it still holds never ran (the actor refuses to run them).
+                actor.exitcode = EXIT_POISONED
+                events.append((index, self._bury(index, actor, "its device is poisoned")))
+                return
         if actor.watch in ready:
             death = self._fetch(actor.watch)  # watch() never returns: this is Ray's account
             cause = death if isinstance(death, BaseException) else ""

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 
 from .._chunking import LOCAL_POLICY
-from .._protocol import RunChunk, Stop, ToWorker, WorkerExited
+from .._protocol import EXIT_POISONED, RunChunk, Stop, ToWorker, WorkerExited
 from .._worker_runtime import WorkerRuntime, WorkerSpec, format_exception_text
 from .base import Event
 
@@ -44,6 +44,9 @@ class _ThreadWorker:
                 if not isinstance(message, RunChunk) or self.stopping.is_set():
                     break
                 self._events.put((self._index, runtime.run_chunk(message, message.payload)))
+                if runtime.poisoned:  # the process's CUDA context is broken for every thread
+                    self._events.put((self._index, WorkerExited(os.getpid(), EXIT_POISONED)))
+                    return
         except BaseException as exc:
             report = format_exception_text(exc)
             self._events.put((self._index, WorkerExited(os.getpid(), 1, report)))
@@ -76,6 +79,9 @@ class ThreadBackend:
         if worker is not None:
             worker.inbox.put(message)
         return 0
+
+    def exiting(self, index: int) -> bool:
+        return False  # a retired thread holds no device memory of its own
 
     def pid(self, index: int) -> int | None:
         return os.getpid()
