@@ -117,42 +117,42 @@ class DevicePool(StateFullWorkerPool[T]):
         """Devices of a Ray cluster: Ray picks the GPU of each actor and hides the others.
 
         ``"auto"`` means every GPU of the cluster (else CPU actors), an int N means N GPUs,
-        a list means one GPU per entry; each GPU actor asks for ``1 / workers_per_device``
-        GPU and is given ``device="cuda:0"``, the only GPU it sees.
+        a list means one GPU per entry other than ``"cpu"`` (a CPU worker); each GPU actor asks
+        for ``1 / workers_per_device`` GPU and gets the device Ray assigned it (``"cuda:0"``
+        where Ray hides the others). ``ray_actor_options`` (one dict, or one per worker) is
+        merged over these requests.
         """
+        from .backends._ray_devices import plan_ray_workers
         from .backends._ray_session import cluster_gpus
 
         with cluster_gpus(pool_options.get("ray_address")) as available:
-            gpus = _ray_gpu_request(devices, available)
-            count = max(1, gpus) * workers_per_device
-            device = "cuda:0" if gpus else CPU
-            self.devices = [device] * count
-            actor = {"num_gpus": 1 / workers_per_device} if gpus else {}
+            workers = plan_ray_workers(
+                devices, available, workers_per_device, pool_options.pop("ray_actor_options", None)
+            )
+            count = len(workers)
+            self.devices = [worker.device for worker in workers]
             per_worker = pool_options.pop("worker_kwarg_dict_arr", None) or [{}] * count
+            envs = pool_options.pop("worker_env_arr", None) or [{}] * count
+            if len(per_worker) != count or len(envs) != count:
+                raise ValueError(
+                    f"worker_kwarg_dict_arr and worker_env_arr need one entry per worker ({count})"
+                )
             super().__init__(
                 count,
                 worker_class,
                 shared_kwarg_dict,
-                [{**extra, device_kwarg: device} for extra in per_worker],
+                [
+                    {**extra, device_kwarg: w.init_device}
+                    for w, extra in zip(workers, per_worker, strict=True)
+                ],
                 batch_size=batch_size,
                 collate_fn=collate_fn,
                 init_concurrency=init_concurrency,
-                ray_actor_options=[dict(actor) for _ in range(count)],
+                ray_actor_options=[worker.actor_options for worker in workers],
+                worker_env_arr=[{**w.env, **env} for w, env in zip(workers, envs, strict=True)],
                 worker_device_arr=self.devices,
                 **pool_options,
             )
-
-
-def _ray_gpu_request(devices: DeviceRequest, available: int) -> int:
-    """How many GPUs of the Ray cluster a device request asks for."""
-    if devices == "auto":
-        return available
-    if isinstance(devices, str) and devices.strip().lower() == CPU:
-        return 0
-    wanted = devices if isinstance(devices, int) else len(devices)
-    if wanted > available:
-        raise ValueError(f"{wanted} GPU(s) requested but the Ray cluster has {available}")
-    return wanted
 
 
 def _runs_in_processes(options: dict[str, Any]) -> bool:

@@ -23,11 +23,14 @@ from .._worker_runtime import WorkerSpec
 
 def dumps_spec(spec: WorkerSpec) -> bytes:
     """Pickle the spec, shipping by value the code of modules Ray workers may not import."""
-    modules = [m for m in map(_module_of, (spec.target, spec.collate_fn)) if m is not None]
-    by_value = [m for m in modules if not importable_everywhere(m)]
+    # One entry per module: a collate_fn next to the worker class must not register (and then
+    # unregister) its module twice, the second unregister raising "not registered" (#17).
+    found = (_module_of(obj) for obj in (spec.target, spec.collate_fn))
+    modules = {m.__name__: m for m in found if m is not None}
+    by_value = [m for m in modules.values() if not importable_everywhere(m)]
     if not by_value:
         return dumps_by_value(spec)
-    cloudpickle = _cloudpickle()
+    cloudpickle = cloudpickle_module()
     registered = set(cloudpickle.list_registry_pickle_by_value())
     added = [m for m in by_value if m.__name__ not in registered and m.__name__ != "__main__"]
     for module in added:
@@ -40,7 +43,8 @@ def dumps_spec(spec: WorkerSpec) -> bytes:
     return data
 
 
-def _cloudpickle() -> Any:
+def cloudpickle_module() -> Any:
+    """The ``cloudpickle`` package, else the copy Ray carries."""
     try:
         import cloudpickle
     except ImportError:  # Ray carries its own copy

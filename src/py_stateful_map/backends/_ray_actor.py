@@ -1,0 +1,116 @@
+"""The side of the Ray backend that runs inside each actor (see ``ray.py`` for the whole).
+
+User code runs in one executor thread, one chunk at a time in the order the parent numbered
+them; the event loop only admits calls and answers ``ping()``. Nothing user code raises may
+reach the loop: asyncio re-raises ``SystemExit`` and ``KeyboardInterrupt`` out of it
+(``asyncio.Task.__step``), after which the actor answered nothing again while its process lived
+on, so every map hung (issue 17). Constructors and items report them like any exception; our
+own code failing that way makes the answer ``fatal`` and the parent reports the actor dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+from .._protocol import InitFailed, Ready, ResendItemwise
+from .._serialization import loads
+from .._worker_process import RETAINED_ANSWERS, make_sendable, run_encoded_chunk
+from .._worker_runtime import WorkerRuntime, format_exception_text
+from ._ray_codec import RayCodec
+from ._ray_devices import with_assigned_devices
+
+
+class Answer(NamedTuple):
+    """What an actor answers: a frame, the large buffers and object references beside it."""
+
+    frame: bytes
+    buffers: list[Any]
+    refs: list[Any]
+    #: Set when our own code in the actor failed (never user code's exception): the traceback.
+    #: The actor cannot be trusted any more; the parent reports it dead.
+    fatal: str = ""
+
+
+class ActorWorker:
+    """One worker inside its actor: the same ``WorkerRuntime`` every backend runs."""
+
+    def __init__(self, env: dict[str, str], spec_bytes: bytes) -> None:
+        self._env = env
+        self._spec_bytes = spec_bytes
+        self._runtime: WorkerRuntime | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="py_stateful_map-actor")
+        self._codec = RayCodec()
+        self._next_seq = 0
+        self._turn = asyncio.Condition()
+
+    async def start(self) -> Answer:
+        """Build the user's state (call number 0); answers a Ready or InitFailed frame."""
+        return await self._in_turn(0, self._start)
+
+    async def run_chunk(
+        self, seq: int, frame: bytes, buffers: list[Any], refs: list[Any]
+    ) -> Answer:
+        """Run one RunChunk frame (answers ChunkDone or ChunkUnreadable), or answer a
+        ResendItemwise frame (an itemwise ChunkDone) in its turn, after the chunks before it."""
+        return await self._in_turn(seq, functools.partial(self._run, frame, buffers, refs))
+
+    async def watch(self) -> None:
+        """Never returns: its reference fails when the actor dies."""
+        await asyncio.Event().wait()
+
+    async def ping(self) -> None:
+        """Answered by the event loop at once, whatever user code is doing: a liveness probe."""
+
+    async def _in_turn(self, seq: int, call: Callable[[], Answer]) -> Answer:
+        async with self._turn:
+            await self._turn.wait_for(lambda: self._next_seq == seq)
+            # The one-thread executor is first in, first out: queue the next call right away.
+            loop = asyncio.get_running_loop()
+            done = loop.run_in_executor(self._thread, _never_raises, call)
+            self._next_seq += 1
+            self._turn.notify_all()
+        return await done
+
+    def _start(self) -> Answer:
+        try:
+            os.environ.update(self._env)  # before unpickling the spec imports any user code
+            spec = with_assigned_devices(loads(self._spec_bytes))
+            runtime = WorkerRuntime(spec, retained_answers=RETAINED_ANSWERS)
+            greeting: Ready | InitFailed = runtime.start()
+        except BaseException as exc:  # sys.exit() in __init__ or in the worker's module too
+            greeting = InitFailed(pid=os.getpid(), payload=(exc, format_exception_text(exc)))
+        if isinstance(greeting, Ready):
+            self._runtime = runtime
+        return self._frame(greeting)
+
+    def _run(self, frame: bytes, buffers: list[Any], refs: list[Any]) -> Answer:
+        runtime = self._runtime
+        assert runtime is not None, "start() must succeed before chunks are run"
+        if runtime.poisoned:  # a sticky CUDA error: the parent kills us after that answer
+            return Answer(b"", [], [], fatal="the device of this worker is poisoned")
+        task, raw_items, descriptors = self._codec.decode_header(frame)
+        if isinstance(task, ResendItemwise):
+            return self._frame(runtime.resend_itemwise(task))
+        with self._codec.receiving(refs):
+            message = run_encoded_chunk(runtime, self._codec, task, raw_items, descriptors, buffers)
+        return self._frame(message)
+
+    def _frame(self, message: Any) -> Answer:
+        try:
+            frame, buffers, refs, _ = self._codec.encode_with_refs(message)
+        except Exception:  # find the item(s) at fault and send the rest
+            frame, buffers, refs, _ = self._codec.encode_with_refs(make_sendable(message))
+        return Answer(frame, buffers, refs)
+
+
+def _never_raises(call: Callable[[], Answer]) -> Answer:
+    """Run ``call`` in the executor thread; nothing it raises may reach the event loop."""
+    try:
+        return call()
+    except BaseException as exc:  # SystemExit would stop the loop for good (see module doc)
+        return Answer(b"", [], [], fatal=format_exception_text(exc))
