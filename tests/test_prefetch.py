@@ -19,7 +19,6 @@ import pytest
 from py_stateful_map import DevicePool, ExceptionBehavior, StateFullWorkerPool
 from py_stateful_map._batch_runner import BatchRunner
 from py_stateful_map._prefetch import (
-    PREPARE_CHUNK_BATCHES,
     BatchPreparer,
     check_prefetch,
     chunk_batches,
@@ -107,8 +106,8 @@ def _overlaps(a: tuple[float, float, int], b: tuple[float, float, int]) -> bool:
 
 @pytest.mark.parametrize("backend", LOCAL_BACKENDS)
 def test_prepare_of_next_batch_runs_while_call_runs(backend: str) -> None:
-    batches = PREPARE_CHUNK_BATCHES
-    with StateFullWorkerPool(1, TimedPrepare, batch_size=4, backend=backend) as pool:
+    batches = 4  # one chunk: prefetch + 1 batches
+    with StateFullWorkerPool(1, TimedPrepare, batch_size=4, backend=backend, prefetch=3) as pool:
         started = _now()
         results = [r.ret_val for r in pool.map(range(4 * batches))]
         elapsed = _now() - started
@@ -245,7 +244,7 @@ def test_prepare_of_and_chunk_batches() -> None:
     assert prepare_of(PickyPrepare()) is not None
     assert prepare_of(NoPrepare()) is None
     assert prepare_of(len) is None
-    assert chunk_batches(PickyPrepare, 1, None) == PREPARE_CHUNK_BATCHES
+    assert chunk_batches(PickyPrepare, 1, None) == 2
     assert chunk_batches(PickyPrepare, 9, None) == 10
     assert chunk_batches(PickyPrepare, 0, None) == 1
     assert chunk_batches(PickyPrepare, 1, 5.0) == 1  # task_timeout times one call

@@ -34,9 +34,6 @@ __all__ = ["DEFAULT_PREFETCH", "BatchPreparer", "check_prefetch", "chunk_batches
 
 #: ``prefetch`` when the caller gives none: one batch prepared while the current one runs.
 DEFAULT_PREFETCH = 1
-#: Batches one chunk carries when the worker prepares batches ahead: ``prepare`` overlaps
-#: ``__call__`` only inside a chunk, so a chunk of k batches overlaps k-1 of its k prepares.
-PREPARE_CHUNK_BATCHES = 4
 
 #: A span of a chunk's items, ``(start, stop)``.
 Span = tuple[int, int]
@@ -62,15 +59,18 @@ def prepare_of(state: Any) -> Callable[[Any], Any] | None:
 def chunk_batches(worker: Any, prefetch: int, task_timeout: float | None) -> int:
     """How many batches one chunk should carry for ``worker``.
 
-    One, unless the worker class defines ``prepare`` and ``prefetch`` is on: then several, so
-    the next batch's ``prepare`` has a ``__call__`` to overlap. ``task_timeout`` times whole
-    chunks, so with it a chunk stays one batch (one call, one timeout).
+    One, unless the worker class defines ``prepare`` and ``prefetch`` is on: then
+    ``prefetch + 1``, so the next batches' ``prepare`` has a ``__call__`` to overlap. The
+    worker receives one chunk at a time, so ``prepare`` overlaps ``__call__`` only inside a
+    chunk: k-1 of a chunk's k prepares are hidden. More batches per chunk hide more, and
+    delay the chunk's results (they return together) and the first result; ``prefetch``
+    is that trade. ``task_timeout`` times whole chunks, so with it a chunk stays one batch.
     """
     if prefetch == 0 or task_timeout is not None or not inspect.isclass(worker):
         return 1
     if not callable(getattr(worker, "prepare", None)):
         return 1
-    return max(PREPARE_CHUNK_BATCHES, prefetch + 1)
+    return prefetch + 1
 
 
 class BatchPreparer:
