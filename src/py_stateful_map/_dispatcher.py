@@ -302,9 +302,19 @@ class Dispatcher:
             return
         if message.unrun_from is not None:
             chunk, values, errors = self._requeue_unrun(chunk, message, values, errors)
+        if chunk.cost is not None:
+            slot.real_cost += chunk.cost[0]
+            slot.padded_cost += chunk.cost[1]
         if chunk.run_id == self.run_id and chunk.items:
             self._completions.append(
-                Completion(chunk, values, errors, message.busy_seconds, message.payload_bytes)
+                Completion(
+                    chunk,
+                    values,
+                    errors,
+                    message.busy_seconds,
+                    message.payload_bytes,
+                    message.oom_backoffs,
+                )
             )
         self._recycle_if_due(slot)
 
@@ -322,15 +332,13 @@ class Dispatcher:
         """
         done = message.unrun_from or 0
         if chunk.run_id == self.run_id:
-            rest = chunk.tail(self.new_chunk_id, done)
-            suspects = rest.items[: message.suspects]
-            requeue = Chunk(
-                self.new_chunk_id(), rest.run_id, rest.start, suspects
-            ).split(self.new_chunk_id)
-            if len(rest.items) > len(suspects):
-                requeue.append(rest.tail(self.new_chunk_id, len(suspects)))
+            end = len(chunk.items)
+            suspects = min(end, done + message.suspects)
+            requeue = chunk.part(0, done, suspects).split(self.new_chunk_id)
+            if suspects < end:
+                requeue.append(chunk.part(self.new_chunk_id(), suspects, end))
             self._retry.extendleft(reversed(requeue))
-        kept = Chunk(chunk.chunk_id, chunk.run_id, chunk.start, chunk.items[:done])
+        kept = chunk.part(chunk.chunk_id, 0, done)
         return kept, values[:done], [e for e in errors or () if e[0] < done] or None
 
     def _ask_itemwise(self, slot: WorkerSlot, chunk: Chunk) -> None:

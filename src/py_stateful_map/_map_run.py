@@ -26,13 +26,15 @@ from typing import Any, Generic
 from ._chunking import ChunkSizer
 from ._dispatcher import Dispatcher, closed_message
 from ._input import reader_for
+from ._length_batching import LengthBatching
+from ._length_chunks import LengthChunker
 from ._protocol import ItemError
 from ._slots import Chunk, Completion
 from .errors import PoolBrokenError, PoolBusyError, RemoteTraceback
 from .results import ExceptionBehavior, T, WorkerResultWrapper
 
-#: (first item index, values, errors) of a completion ready for the caller.
-Ready = tuple[int, list[Any], list[ItemError] | None]
+#: (input positions, values, errors) of completed items ready for the caller.
+Outcomes = tuple[range | tuple[int, ...], list[Any], list[ItemError] | None]
 
 
 class MapRun:
@@ -48,8 +50,10 @@ class MapRun:
         behavior: ExceptionBehavior,
         sizer: ChunkSizer,
         read_input_in_thread: bool = True,
+        length_batching: LengthBatching | None = None,
     ) -> None:
         self._dispatcher = dispatcher
+        self._chunker = None if length_batching is None else LengthChunker(length_batching)
         self._reader = reader_for(
             source, sizer.window_items, dispatcher.backend.wake, threaded=read_input_in_thread
         )
@@ -62,8 +66,8 @@ class MapRun:
         self._in_progress = 0  # items read and not yet complete
         self._input_done = False
         self._input_error: BaseException | None = None
-        self._pending: dict[int, Ready] = {}
-        self._ready: deque[Ready] = deque()
+        self._pending: dict[int, Outcomes] = {}
+        self._ready: deque[Outcomes] = deque()
         self._failure: BaseException | None = None  # IMMEDIATE_WAIT_OTHERS: raise when idle
 
     def batches(self) -> Generator[Iterator[WorkerResultWrapper[Any]], None, None]:
@@ -125,6 +129,9 @@ class MapRun:
     # -- reading and dispatching ----------------------------------------------------------
 
     def _fill(self) -> None:
+        if self._chunker is not None:
+            self._fill_planned(self._chunker)
+            return
         dispatcher = self._dispatcher
         while True:
             # Re-runs first (a chunk split by a death or a pickling error lands there, even
@@ -148,6 +155,52 @@ class MapRun:
             self._in_progress += len(items)
             self._sizer.observe_bytes(len(items), dispatcher.submit(slot, chunk))
 
+    def _fill_planned(self, chunker: LengthChunker) -> None:
+        """Length-aware batching: read into the sort window, send planned batches."""
+        dispatcher = self._dispatcher
+        while True:
+            dispatcher.submit_retries()
+            if dispatcher.has_retries():
+                return
+            slot = dispatcher.free_slot()
+            if slot is None:
+                return
+            chunk = chunker.next_chunk(dispatcher.new_chunk_id, dispatcher.run_id)
+            if chunk is None:
+                self._read_into_window(chunker)
+                chunk = chunker.next_chunk(dispatcher.new_chunk_id, dispatcher.run_id)
+            if chunk is None:
+                return
+            dispatcher.submit(slot, chunk)
+
+    def _read_into_window(self, chunker: LengthChunker) -> None:
+        """Read until a batch is planned, the read-ahead bound is hit, or the input pauses.
+
+        The window is planned early when the input ended, or stalled while nothing is on a
+        worker (a slow generator still streams; a busy pool keeps filling its window).
+        """
+        limit = chunker.sort_window + 4 * len(self._dispatcher.slots) * chunker.batch_size
+        stalled = False
+        while not chunker.has_planned and not self._input_done:
+            room = limit - (self._next_read - self._released)
+            if room <= 0:
+                break
+            wanted = min(room, max(1, chunker.sort_window - chunker.buffered))
+            items = self._read(wanted)
+            for item in items:
+                self._in_progress += 1
+                error = chunker.add(self._next_read, item)
+                if error is not None:  # only this item fails, at once
+                    chunk = Chunk(0, self._dispatcher.run_id, self._next_read, [item])
+                    self._accept(Completion(chunk, [None], [(0, error, "")]))
+                self._next_read += 1
+            if len(items) < wanted:
+                stalled = True
+                break
+        idle = self._in_progress == chunker.buffered
+        if not chunker.has_planned and (self._input_done or (stalled and idle)):
+            chunker.flush()
+
     def _remaining(self) -> int | None:
         return None if self._length is None else self._length - self._next_read
 
@@ -165,6 +218,8 @@ class MapRun:
     def _accept(self, completion: Completion) -> None:
         chunk, values, errors = completion.chunk, completion.values, completion.errors
         self._in_progress -= len(chunk.items)
+        if completion.oom_backoffs and self._chunker is not None:
+            self._chunker.shrink_budget()
         if completion.busy_seconds:
             self._sizer.observe(len(chunk.items), completion.busy_seconds)
         self._sizer.observe_bytes(len(chunk.items), completion.payload_bytes)
@@ -178,13 +233,22 @@ class MapRun:
                 return
         if self._failure is not None:
             return  # nobody will read results after the pending exception
-        entry = (chunk.start, values, errors)
+        entry = (chunk.where, values, errors)
         if not self._ordered:
             self._released += len(values)
             self._ready.append(entry)
             return
         pending = self._pending
-        pending[chunk.start] = entry
+        if chunk.positions is None:
+            pending[chunk.start] = entry
+        else:  # a planned batch: its items wait for their own turns
+            failed = {offset: (exc, text) for offset, exc, text in errors or ()}
+            for offset, position in enumerate(chunk.positions):
+                error = failed.get(offset)
+                item_errors: list[ItemError] | None = None
+                if error is not None:
+                    item_errors = [(0, error[0], error[1])]
+                pending[position] = ((position,), [values[offset]], item_errors)
         while self._released in pending:
             entry = pending.pop(self._released)
             self._released += len(entry[1])
@@ -198,13 +262,13 @@ class MapRun:
 
 
 def _wrap(
-    start: int, values: list[Any], errors: list[ItemError] | None
+    positions: range | tuple[int, ...], values: list[Any], errors: list[ItemError] | None
 ) -> Iterator[WorkerResultWrapper[Any]]:
     if errors is None:
-        return map(WorkerResultWrapper, range(start, start + len(values)), values, repeat(None))
+        return map(WorkerResultWrapper, positions, values, repeat(None))
     failed = {offset: exc for offset, exc, _ in errors}
     return (
-        WorkerResultWrapper(start + offset, value, failed.get(offset))
+        WorkerResultWrapper(positions[offset], value, failed.get(offset))
         for offset, value in enumerate(values)
     )
 

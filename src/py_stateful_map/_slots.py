@@ -33,7 +33,12 @@ SlotState = Literal["new", "waiting", "starting", "ready", "lost"]
 
 @dataclass(eq=False)
 class Chunk:
-    """Consecutive items ``start ..`` of one map run, as dispatched to one worker."""
+    """Items of one map run, as dispatched to one worker.
+
+    Their input positions are ``start, start + 1, ...`` — or ``positions`` when the chunk is a
+    batch planned by cost (length-aware batching gathers items of similar length from a sort
+    window, wherever they stand in the input).
+    """
 
     chunk_id: int
     run_id: int
@@ -41,16 +46,33 @@ class Chunk:
     items: list[Any]
     attempts: int = 0  # deaths of a worker while running this chunk *alone*
     alone: bool = False  # must run on a worker holding nothing else (blame must be certain)
+    positions: tuple[int, ...] | None = None
+    cost: tuple[float, float] | None = None  # (real, padded) cost of a planned batch
+
+    @property
+    def where(self) -> range | tuple[int, ...]:
+        """The input position of each item."""
+        if self.positions is None:
+            return range(self.start, self.start + len(self.items))
+        return self.positions
+
+    def part(self, chunk_id: int, low: int, high: int, *, alone: bool = False) -> Chunk:
+        """Items ``low:high`` as a chunk of their own (same run, same attempts)."""
+        positions = None if self.positions is None else self.positions[low:high]
+        start = positions[0] if positions else self.start + low
+        return Chunk(
+            chunk_id, self.run_id, start, self.items[low:high], self.attempts, alone, positions
+        )
 
     def split(self, next_id: Callable[[], int], *, alone: bool = False) -> list[Chunk]:
         return [
-            Chunk(next_id(), self.run_id, self.start + offset, [item], self.attempts, alone)
-            for offset, item in enumerate(self.items)
+            self.part(next_id(), offset, offset + 1, alone=alone)
+            for offset in range(len(self.items))
         ]
 
     def tail(self, next_id: Callable[[], int], offset: int) -> Chunk:
         """The items from ``offset`` on, as a chunk of their own."""
-        return Chunk(next_id(), self.run_id, self.start + offset, self.items[offset:])
+        return self.part(next_id(), offset, len(self.items))
 
 
 @dataclass(eq=False)
@@ -62,6 +84,7 @@ class Completion:
     errors: list[ItemError] | None
     busy_seconds: float = 0.0  # worker time, for the chunk sizer; 0 when no worker ran it
     payload_bytes: int = 0  # size of the results as transported, for the chunk sizer
+    oom_backoffs: int = 0  # the worker halved its batch for memory: shrink planned budgets
 
 
 @dataclass(eq=False)
@@ -88,6 +111,8 @@ class WorkerSlot:
     recycles: int = 0
     retries: int = 0
     oom_backoffs: int = 0
+    real_cost: float = 0.0  # length-aware batching: cost of the items run ...
+    padded_cost: float = 0.0  # ... and of their batches padded to their longest item
     ready_since: float = 0.0
     ready_seconds_before: float = 0.0  # ready time of earlier incarnations of this slot
 
@@ -140,4 +165,7 @@ class WorkerSlot:
             "recycles": self.recycles,
             "retries": self.retries,
             "oom_backoffs": self.oom_backoffs,
+            "padding_efficiency": (
+                round(self.real_cost / self.padded_cost, 4) if self.padded_cost else None
+            ),
         }

@@ -19,6 +19,7 @@ from typing import Any, Generic, NoReturn
 
 from ._chunking import ChunkSizer
 from ._dispatcher import Dispatcher, FaultPolicy
+from ._length_batching import LengthBatching
 from ._map_run import MapResult, MapRun
 from ._prefetch import check_prefetch, chunk_batches
 from ._progress import ProgressOption, ResultCallback, resolve_progress, with_progress
@@ -109,6 +110,9 @@ class StateFullWorkerPool(Generic[T]):
         ray_address: str | None = None,
         ray_actor_options: Sequence[dict[str, Any]] | None = None,
         read_input_in_thread: bool = True,
+        length_fn: Callable[[Any], Any] | None = None,
+        max_batch_tokens: float | None = None,
+        sort_window: int | None = None,
     ) -> None:
         backend = "threads" if use_threads else backend
         if num_workers == 0:
@@ -137,6 +141,9 @@ class StateFullWorkerPool(Generic[T]):
         self._progress = resolve_progress(progress)
         self._on_result = on_result
         self._read_input_in_thread = read_input_in_thread
+        self._length_batching = LengthBatching.from_options(
+            batch_size, length_fn, max_batch_tokens, sort_window
+        )
         self._owner_pid = os.getpid()
         # A batch is one call, so it is the unit a task_timeout can time; otherwise time items.
         self._chunk_size = batch_size or (1 if task_timeout is not None else chunk_size)
@@ -233,6 +240,7 @@ class StateFullWorkerPool(Generic[T]):
             behavior=self._behavior,
             sizer=ChunkSizer(self._slot_count, self._chunk_size, self._backend.chunk_policy),
             read_input_in_thread=self._read_input_in_thread,
+            length_batching=self._length_batching,
         )
         decorate = None
         if self._progress is not None or self._on_result is not None:
