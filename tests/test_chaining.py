@@ -37,12 +37,6 @@ DEFERRED = ExceptionBehavior.DEFERRED
 BAD_IN_STAGE_1 = 7
 BAD_IN_STAGE_2 = 12
 
-chaining_contract = pytest.mark.xfail(
-    strict=True,
-    reason="needs map() to unwrap another map's WorkerResultWrapper inputs (issue 12, lead)",
-)
-
-
 def value_of(item: Any) -> Any:
     """A stage-1 result's value (raising its error), or a plain value as is."""
     if isinstance(item, WorkerResultWrapper):
@@ -193,7 +187,6 @@ def test_slow_consumer_holds_both_stages_back(backend: str) -> None:
         assert source.read == paused <= 1000
 
 
-@chaining_contract
 @pytest.mark.parametrize("backend", LOCAL_BACKENDS)
 def test_stage_2_workers_receive_plain_values(backend: str) -> None:
     with (
@@ -206,7 +199,6 @@ def test_stage_2_workers_receive_plain_values(backend: str) -> None:
     assert [r.ret_val for r in results] == [2 * x + 1 for x in range(BAD_IN_STAGE_1)]
 
 
-@chaining_contract
 @pytest.mark.parametrize("backend", LOCAL_BACKENDS)
 def test_item_failed_in_stage_1_skips_stage_2_and_keeps_its_error(backend: str) -> None:
     with (

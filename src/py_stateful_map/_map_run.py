@@ -69,6 +69,7 @@ class MapRun:
         self._pending: dict[int, Outcomes] = {}
         self._ready: deque[Outcomes] = deque()
         self._failure: BaseException | None = None  # IMMEDIATE_WAIT_OTHERS: raise when idle
+        self._chained: bool | None = None  # the input is another map's results
 
     def batches(self) -> Generator[Iterator[WorkerResultWrapper[Any]], None, None]:
         """Yield one iterator of outcomes per completed chunk, in the order the caller sees.
@@ -153,6 +154,10 @@ class MapRun:
             chunk = Chunk(dispatcher.new_chunk_id(), dispatcher.run_id, self._next_read, items)
             self._next_read += len(items)
             self._in_progress += len(items)
+            if self._chained:
+                chunk = self._unwrap_upstream(chunk)
+                if not chunk.items:
+                    continue
             self._sizer.observe_bytes(len(items), dispatcher.submit(slot, chunk))
 
     def _fill_planned(self, chunker: LengthChunker) -> None:
@@ -189,6 +194,12 @@ class MapRun:
             items = self._read(wanted)
             for item in items:
                 self._in_progress += 1
+                if self._chained and _is_wrapper(item):
+                    if item.exception_obj is not None:
+                        self._fail_upstream(self._next_read, item)
+                        self._next_read += 1
+                        continue
+                    item = item.ret_val  # noqa: PLW2901
                 error = chunker.add(self._next_read, item)
                 if error is not None:  # only this item fails, at once
                     chunk = Chunk(0, self._dispatcher.run_id, self._next_read, [item])
@@ -201,6 +212,34 @@ class MapRun:
         if not chunker.has_planned and (self._input_done or (stalled and idle)):
             chunker.flush()
 
+    def _unwrap_upstream(self, chunk: Chunk) -> Chunk:
+        """Another map's results as input (chained pools): values go on, failures stay.
+
+        An item that failed upstream keeps its error and never reaches a worker here; the
+        others run on their values.
+        """
+        kept: list[int] = []
+        values: list[Any] = []
+        for offset, item in enumerate(chunk.items):
+            if not _is_wrapper(item):
+                kept.append(offset)
+                values.append(item)
+            elif item.exception_obj is None:
+                kept.append(offset)
+                values.append(item.ret_val)
+            else:
+                self._fail_upstream(chunk.start + offset, item)
+        if len(kept) == len(chunk.items):
+            chunk.items = values
+            return chunk
+        positions = tuple(chunk.start + offset for offset in kept)
+        return Chunk(chunk.chunk_id, chunk.run_id, chunk.start, values, positions=positions)
+
+    def _fail_upstream(self, position: int, result: WorkerResultWrapper[Any]) -> None:
+        chunk = Chunk(0, self._dispatcher.run_id, position, [result])
+        error: ItemError = (0, result.exception_obj, "")  # type: ignore[assignment]
+        self._accept(Completion(chunk, [None], [error]))
+
     def _remaining(self) -> int | None:
         return None if self._length is None else self._length - self._next_read
 
@@ -208,6 +247,8 @@ class MapRun:
         reader = self._reader
         reader.capacity = self._sizer.window_items
         items = reader.read(size)
+        if self._chained is None and items:  # decided once per map, by its first item
+            self._chained = _is_wrapper(items[0])
         if reader.exhausted:
             self._input_done = True
             self._input_error = reader.error
@@ -259,6 +300,10 @@ class MapRun:
         for _, exc, tb_text in errors:
             if tb_text and exc.__cause__ is None:
                 exc.__cause__ = RemoteTraceback(tb_text)
+
+
+def _is_wrapper(item: Any) -> bool:
+    return type(item) is WorkerResultWrapper
 
 
 def _wrap(
