@@ -78,6 +78,19 @@ class MapRun:
         (building each ``WorkerResultWrapper``) runs in C and this generator resumes once per
         chunk, not once per item.
         """
+        for positions, values, errors in self._outcomes():
+            yield _wrap(positions, values, errors)
+
+    def values(self) -> Generator[list[Any], None, None]:
+        """Like :meth:`batches`, bare values: no wrapper is built on this path.
+
+        Only for exception behaviours that raise (an error never reaches the caller as a
+        value: ``_accept`` raises or holds it before anything is released).
+        """
+        for _, values, _ in self._outcomes():
+            yield values
+
+    def _outcomes(self) -> Generator[Outcomes, None, None]:
         dispatcher = self._dispatcher
         if dispatcher.closed:
             self._reader.close()
@@ -98,7 +111,7 @@ class MapRun:
             dispatcher.busy = False
             dispatcher.end_run()
 
-    def _run(self) -> Iterator[Iterator[WorkerResultWrapper[Any]]]:
+    def _run(self) -> Iterator[Outcomes]:
         ready = self._ready
         dispatcher = self._dispatcher
         while True:
@@ -107,7 +120,7 @@ class MapRun:
                     raise PoolBrokenError(f"{closed_message()}; this map was still running")
                 self._step()
             while ready:
-                yield _wrap(*ready.popleft())
+                yield ready.popleft()
             if not self._in_progress and (self._input_done or self._failure is not None):
                 break
         if self._failure is not None:
@@ -328,7 +341,7 @@ class MapResult(Generic[T]):
 
     def __init__(
         self,
-        batches: Generator[Iterator[WorkerResultWrapper[T]], None, None],
+        batches: Generator[Iterable[Any], None, None],
         length: int | None,
         decorate: Callable[
             [Iterator[WorkerResultWrapper[T]], int | None], Iterator[WorkerResultWrapper[T]]

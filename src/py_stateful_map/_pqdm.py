@@ -74,6 +74,8 @@ def run_pqdm(
         progress=bar,
         **pool_options,
     ) as pool:
+        if exception_behaviour == "immediate":  # the first error raises: bare values suffice
+            return list(pool.imap(array))
         outcomes = [
             r.ret_val if r.exception_obj is None else r.exception_obj for r in pool.map(array)
         ]

@@ -224,9 +224,42 @@ class StateFullWorkerPool(Generic[T]):
     def map(self, input_iterable: Iterable[Any], is_unordered: bool = False) -> MapResult[T]:
         """Stream ``input_iterable`` through the workers; lazily, with bounded read-ahead.
 
-        Results come in input order unless ``is_unordered``. ``len()`` of the result is the
-        input's length when it has one. Only one map may be in progress per pool at a time.
+        Yields one ``WorkerResultWrapper`` per item, in input order unless ``is_unordered``.
+        ``len()`` of the result is the input's length when it has one. Only one map may be in
+        progress per pool at a time. The map keeps the pool alive while it is iterated; once
+        the pool is closed, iterating raises ``PoolBrokenError``. An iterator input is read
+        on a bounded feeder thread (see ``read_input_in_thread``); another map's results as
+        input run their values, and items that failed there keep their error.
         """
+        return self._start_map(input_iterable, ordered=not is_unordered, values=False)
+
+    def imap(self, input_iterable: Iterable[Any]) -> MapResult[Any]:
+        """The workers' return values in input order, as ``multiprocessing.Pool.imap`` gives.
+
+        An item's exception is raised here (its worker traceback as ``__cause__``), at once
+        under ``IMMEDIATE``, after the running items under ``IMMEDIATE_WAIT_OTHERS``. Same
+        laziness, ``len()``, progress and fault handling as :meth:`map`, without building a
+        wrapper per item.
+
+        >>> with StateFullWorkerPool(2, abs, backend="threads") as pool:
+        ...     list(pool.imap([-1, -2, 3]))
+        [1, 2, 3]
+        """
+        return self._start_map(input_iterable, ordered=True, values=True)
+
+    def imap_unordered(self, input_iterable: Iterable[Any]) -> MapResult[Any]:
+        """Like :meth:`imap`, in the order items finish."""
+        return self._start_map(input_iterable, ordered=False, values=True)
+
+    def _start_map(
+        self, input_iterable: Iterable[Any], *, ordered: bool, values: bool
+    ) -> MapResult[Any]:
+        if values and self._behavior is ExceptionBehavior.DEFERRED:
+            raise ValueError(
+                "imap()/imap_unordered() hand out bare values, so an item's exception has "
+                "nowhere to go but up: use map() with ExceptionBehavior.DEFERRED (each result "
+                "then carries its exception_obj), or IMMEDIATE / IMMEDIATE_WAIT_OTHERS here"
+            )
         self._check_usable()
         try:
             length: int | None = len(input_iterable)  # type: ignore[arg-type]
@@ -236,7 +269,7 @@ class StateFullWorkerPool(Generic[T]):
             self._dispatcher,
             input_iterable,
             length,
-            ordered=not is_unordered,
+            ordered=ordered,
             behavior=self._behavior,
             sizer=ChunkSizer(self._slot_count, self._chunk_size, self._backend.chunk_policy),
             read_input_in_thread=self._read_input_in_thread,
@@ -249,7 +282,8 @@ class StateFullWorkerPool(Generic[T]):
             def decorate(items: Iterator[Any], total: int | None) -> Iterator[Any]:
                 return with_progress(items, total, bar, on_result)
 
-        return MapResult(run.batches(), length, decorate, owner=self)
+        batches = run.values() if values else run.batches()
+        return MapResult(batches, length, decorate, owner=self)
 
     def _check_usable(self) -> None:
         if self._closed:
