@@ -11,7 +11,9 @@ send a payload (``_shared_memory.out_of_band_pickler``, ``_serialization.dumps``
 For each ``torch.Tensor`` (exact type; a ``Parameter`` reduces to its ``.data``):
 
 - on a device: copied to the CPU (``.to("cpu")`` waits for the copy and copies only the
-  view's elements), detached;
+  view's elements);
+- detached: no autograd graph crosses (a non-leaf result, which torch itself refuses to
+  pickle, arrives as plain data; a leaf keeps its ``requires_grad`` flag, as with torch);
 - on the CPU in pinned memory while CUDA is in use: the devices are synchronized first, since a
   ``.to("cpu", non_blocking=True)`` copy may still be in flight (pinned memory is what torch
   allocates for exactly that copy);
@@ -91,9 +93,12 @@ def reduce_tensor(tensor: Any) -> tuple[Any, ...]:
     if host is None or host.layout is not torch.strided or host.is_quantized:
         return (host if host is not None else tensor).__reduce_ex__(_PROTOCOL)  # type: ignore[no-any-return]
     try:
-        return _as_array(torch, host.contiguous())
+        reduced = _as_array(torch, host.contiguous())
     except (TypeError, RuntimeError):  # e.g. a conjugate view: torch's own pickling copes
         return host.__reduce_ex__(_PROTOCOL)  # type: ignore[no-any-return]
+    if tensor.requires_grad and tensor.is_leaf:  # no graph to lose: keep the flag, as torch does
+        return (_requiring_grad, reduced)
+    return reduced
 
 
 def _on_host(torch: Any, tensor: Any) -> Any:
@@ -127,6 +132,11 @@ def _view_as(array: Any, dtype: Any) -> Any:
     import torch
 
     return torch.from_numpy(array).view(dtype)
+
+
+def _requiring_grad(rebuild: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """Rebuild a leaf tensor that required grad as a fresh leaf that requires grad."""
+    return rebuild(*args).requires_grad_()
 
 
 def _cuda_in_use(torch: Any) -> bool:

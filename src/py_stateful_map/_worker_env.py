@@ -77,9 +77,10 @@ def enter_worker_environment(env: Mapping[str, str]) -> None:
     global _too_late
     changed = {name: env[name] for name in _READ_AT_CUINIT if name in env}
     changed = {name: value for name, value in changed.items() if os.environ.get(name) != value}
-    if changed and _too_late is None and cuda_driver_initialized():
-        _too_late = _describe_late_mask(changed)
+    late = bool(changed) and _too_late is None and cuda_driver_initialized()
     os.environ.update(env)
+    if changed and _too_late is None and (late or _inherited_driver_is_broken()):
+        _too_late = _describe_late_mask(changed)
     _resize_thread_pools(env)
 
 
@@ -94,21 +95,44 @@ def cuda_driver_initialized() -> bool:
     """Whether this process has called ``cuInit`` (through any library); loads nothing.
 
     ``RTLD_NOLOAD`` finds libcuda only if something already loaded it. Before ``cuInit``
-    every driver call returns ``CUDA_ERROR_NOT_INITIALIZED``; any other answer (success, or
-    the error of a driver inherited across ``fork``) means it was initialized here or in the
-    process this one was forked from.
+    every driver call returns ``CUDA_ERROR_NOT_INITIALIZED``; any other answer means it ran.
+    (A process forked after its parent ran ``cuInit`` also gets that error: see
+    :func:`_inherited_driver_is_broken`.) The same test as vllm-project/vllm#44252.
     """
+    lib = _loaded_libcuda()
+    if lib is None:
+        return False
+    count = ctypes.c_int(0)
+    try:
+        return bool(lib.cuDeviceGetCount(ctypes.byref(count)) != _CUDA_ERROR_NOT_INITIALIZED)
+    except AttributeError:
+        return False
+
+
+def _inherited_driver_is_broken() -> bool:
+    """Whether this process was forked from one that had initialized CUDA.
+
+    Only asked once the mask is in place, and only where libcuda is already loaded before any
+    user code ran (a forkserver that imported something touching CUDA): there ``cuInit``
+    answers ``CUDA_ERROR_NOT_INITIALIZED`` (see triton-lang/triton#10443), where a fresh
+    process succeeds (and so starts the driver already masked).
+    """
+    lib = _loaded_libcuda()
+    if lib is None:
+        return False
+    try:
+        return bool(lib.cuInit(0) == _CUDA_ERROR_NOT_INITIALIZED)
+    except AttributeError:
+        return False
+
+
+def _loaded_libcuda() -> ctypes.CDLL | None:
     for name in ("libcuda.so.1", "libcuda.so"):
         try:
-            lib = ctypes.CDLL(name, mode=getattr(os, "RTLD_NOLOAD", 4))
+            return ctypes.CDLL(name, mode=getattr(os, "RTLD_NOLOAD", 4))
         except OSError:
             continue
-        count = ctypes.c_int(0)
-        try:
-            return bool(lib.cuDeviceGetCount(ctypes.byref(count)) != _CUDA_ERROR_NOT_INITIALIZED)
-        except AttributeError:
-            return False
-    return False
+    return None
 
 
 def _describe_late_mask(wanted: Mapping[str, str]) -> str:

@@ -9,16 +9,21 @@ calls with per-item results and out-of-memory back-off. Everything else is the c
 
 from __future__ import annotations
 
+import inspect
 import os
+import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._device_discovery import CPU, DevicePlacement, DeviceProbe, DeviceRequest, place_devices
+from ._gpu_memory import WORKERS_ON_DEVICE
 from .pool import StateFullWorkerPool
 from .results import T
 
-#: Thread-pool variables of the usual numeric libraries; set for CPU workers unless the user
-#: already chose a value, so N workers on N cores do not each start N threads.
+#: Thread-pool variables of the usual numeric libraries; set for every process worker (a GPU
+#: worker's tokenizing and pre-processing run on cores too) unless the user already chose a
+#: value, so N workers on C cores start C // N threads each rather than C.
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -86,14 +91,17 @@ class DevicePool(StateFullWorkerPool[T]):
                 f"worker_kwarg_dict_arr has {len(per_worker)} dicts for {len(placements)} "
                 f"workers ({workers_per_device} per device on {len(set(self.devices))} devices)"
             )
+        init_kwargs = [
+            {**extra, device_kwarg: p.worker_device if in_processes else p.device}
+            for p, extra in zip(placements, per_worker, strict=True)
+        ]
+        if _runs_in_threads(pool_options):
+            worker_class, init_kwargs = _on_thread_devices(worker_class, placements, init_kwargs)
         super().__init__(
             len(placements),
             worker_class,
             shared_kwarg_dict,
-            [
-                {**extra, device_kwarg: p.worker_device if in_processes else p.device}
-                for p, extra in zip(placements, per_worker, strict=True)
-            ],
+            init_kwargs,
             batch_size=batch_size,
             collate_fn=collate_fn,
             init_concurrency=init_concurrency,
@@ -170,16 +178,55 @@ def _usable_cores() -> int:
 
 
 def _environments(placements: Sequence[DevicePlacement]) -> list[dict[str, str]]:
-    cpu_workers = sum(1 for p in placements if p.device == CPU)
-    threads = str(max(1, _usable_cores() // max(1, cpu_workers)))
+    """Each process worker's environment: its device mask, its share of cores and GPU."""
+    threads = str(max(1, _usable_cores() // max(1, len(placements))))
+    on_device = Counter(placement.device for placement in placements)
     environments = []
     for placement in placements:
         env = dict(placement.environ)
-        if placement.device == CPU:
-            for name in _THREAD_VARIABLES:
-                env.setdefault(name, os.environ.get(name, threads))
+        for name in _THREAD_VARIABLES:
+            env.setdefault(name, os.environ.get(name, threads))
+        if placement.device != CPU and on_device[placement.device] > 1:
+            env[WORKERS_ON_DEVICE] = str(on_device[placement.device])  # see _gpu_memory
         environments.append(env)
     return environments
+
+
+def _runs_in_threads(options: dict[str, Any]) -> bool:
+    return bool(options.get("use_threads")) or options.get("backend") == "threads"
+
+
+def _on_thread_devices(
+    worker_class: Callable[..., Any],
+    placements: Sequence[DevicePlacement],
+    init_kwargs: list[dict[str, Any]],
+) -> tuple[Callable[..., Any], list[dict[str, Any]]]:
+    """Thread workers on GPUs: build each one with its GPU as the thread's current device."""
+    if not inspect.isclass(worker_class) or all(p.device == CPU for p in placements):
+        return worker_class, init_kwargs
+    return _OnThreadDevice, [
+        {**kwargs, "_psm_worker_class": worker_class, "_psm_device": placement.device}
+        for placement, kwargs in zip(placements, init_kwargs, strict=True)
+    ]
+
+
+class _OnThreadDevice:
+    """Makes the worker's GPU its thread's current CUDA device, then builds the user's worker.
+
+    A thread worker sees every GPU, and whatever uses "the current device" (``.cuda()``,
+    ``torch.zeros(..., device="cuda")``, cuBLAS/cuDNN handles, custom kernels) would use GPU 0
+    in every worker. The current device is per thread, and a thread worker is built and called
+    on its own thread, so setting it once, before the constructor, is enough. ``__new__``
+    returns the user's own object: nothing stands between the pool and it afterwards.
+    """
+
+    def __new__(
+        cls, *, _psm_worker_class: Callable[..., Any], _psm_device: str, **kwargs: Any
+    ) -> Any:
+        torch = sys.modules.get("torch")  # a worker whose module never imported torch: skip
+        if torch is not None and _psm_device.startswith("cuda:") and torch.cuda.is_available():
+            torch.cuda.set_device(int(_psm_device.partition(":")[2]))
+        return _psm_worker_class(**kwargs)
 
 
 __all__ = ["DevicePool"]
