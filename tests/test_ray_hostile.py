@@ -33,6 +33,7 @@ from py_stateful_map import (  # noqa: E402
     StateFullWorkerPool,
     WorkerDiedError,
 )
+from py_stateful_map._protocol import RunChunk  # noqa: E402
 from py_stateful_map.backends import ray as ray_backend  # noqa: E402
 from py_stateful_map.errors import SerializationError, WorkerInitError  # noqa: E402
 
@@ -78,7 +79,7 @@ def every_cpu_free_between_tests() -> Iterator[None]:
     wait_for_free_cpus()
 
 
-# -- workers (module level, shipped by value) ---------------------------------------------------
+# -- workers (module level, shipped by value) ------------------------------------------------------
 
 
 def escape_at_some_items(x: int) -> int:
@@ -104,6 +105,17 @@ class EscapeInInit:
 
 def square(x: int) -> int:
     return x * x
+
+
+class ExitWhenPickled:
+    """A result whose pickling (our code in the actor, not the user's call) raises SystemExit."""
+
+    def __reduce__(self) -> Any:
+        sys.exit(5)
+
+
+def exit_when_pickled(x: int) -> Any:
+    return ExitWhenPickled() if x == 1 else x
 
 
 def slow_square(x: int) -> int:
@@ -151,7 +163,7 @@ def describe(item: Any) -> str:
     return type(item).__name__
 
 
-# -- 1, 2: BaseException from user code -----------------------------------------------------------
+# -- 1, 2: BaseException from user code ------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
@@ -180,7 +192,33 @@ def test_base_exception_in_constructor_is_a_worker_init_error(kind: str) -> None
     assert not pool_actor_names(), "the failed pool left actors behind"
 
 
-# -- 3: no spin, no restart after close -----------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_base_exception_in_the_actors_own_code_is_a_death_never_a_hang() -> None:
+    with StateFullWorkerPool(1, exit_when_pickled, backend="ray", chunk_size=1, max_retries=0,
+                             exception_behavior=DEFERRED) as pool:  # fmt: skip
+        results = list(pool.map(range(3)))
+    assert [r.ret_val for r in results if r.obj_id != 1] == [0, 2]
+    error = results[1].exception_obj
+    assert isinstance(error, WorkerDiedError), error
+    assert "SystemExit" in str(error.__cause__)
+
+
+# -- 3: no spin, no restart after close ------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_the_backend_refuses_work_after_close_instead_of_spinning() -> None:
+    pool = StateFullWorkerPool(1, square, backend="ray")
+    backend = pool._backend  # what the core would reach after close(): it must not spin
+    pool.close()
+    started = time.monotonic()
+    with pytest.raises(PoolBrokenError, match="closed"):
+        backend.send(0, RunChunk(chunk_id=1, start=0, payload=[1]))
+    with pytest.raises(PoolBrokenError, match="closed"):
+        backend.wait(None)
+    with pytest.raises(PoolBrokenError, match="closed"):
+        backend.start_worker(0)
+    assert time.monotonic() - started < 1
 
 
 @pytest.mark.timeout(60)
@@ -205,7 +243,7 @@ def test_close_from_another_thread_ends_the_consumer_without_restarts() -> None:
             for _ in pool.map(range(1000)):
                 count += 1
                 first_result.set()
-        except BaseException as exc:  # noqa: BLE001 - what the consumer saw is the point
+        except BaseException as exc:  # what the consumer saw is the point
             outcome.append(exc)
         else:
             outcome.append(count)
@@ -223,7 +261,7 @@ def test_close_from_another_thread_ends_the_consumer_without_restarts() -> None:
     assert not pool_actor_names(), "an actor was started after close()"
 
 
-# -- liveness: an actor that stops answering ----------------------------------------------------
+# -- liveness: an actor that stops answering -------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
@@ -241,7 +279,7 @@ def test_actor_that_stops_answering_is_treated_as_dead(monkeypatch: pytest.Monke
     assert time.monotonic() - started < 40
 
 
-# -- 4: pools that share a cluster --------------------------------------------------------------
+# -- 4: pools that share a cluster -----------------------------------------------------------------
 
 
 @pytest.mark.timeout(90)
@@ -267,7 +305,7 @@ def test_actor_that_can_never_be_placed_fails_clearly(monkeypatch: pytest.Monkey
     assert time.monotonic() - started < 30
 
 
-# -- 5: object references in results ------------------------------------------------------------
+# -- 5: object references in results ---------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
@@ -282,7 +320,7 @@ def test_worker_may_return_and_receive_object_refs() -> None:
         assert [r.ret_val for r in pool.map(refs)] == [1, 2, 3, 4]
 
 
-# -- 6 and issue 16 F12: devices of Ray actors ------------------------------------------------------
+# -- 6 and issue 16 F12: devices of Ray actors -----------------------------------------------------
 
 
 @pytest.mark.timeout(60)
@@ -317,7 +355,7 @@ def test_mixed_cpu_and_gpu_entries() -> None:
     assert len({w["pid"] for w in stats.workers}) == 2
 
 
-# -- 7: a collate_fn next to the worker class ---------------------------------------------------
+# -- 7: a collate_fn next to the worker class ------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
@@ -328,7 +366,7 @@ def test_collate_fn_from_the_worker_classs_module() -> None:
     assert values == [0 + 3, 1 + 3, 2 + 3, 3 + 3, 4 + 3, 5 + 3, 6 + 1]
 
 
-# -- 8: a pool is no item -------------------------------------------------------------------------
+# -- 8: a pool is no item --------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +13,8 @@ logger = logging.getLogger("py_stateful_map")
 #: Actor options the pool itself owns: it restarts workers and re-runs items on its own, and it
 #: names each actor (a name must be unique while a dying actor may still hold it).
 _POOL_OWNED_OPTIONS = ("max_restarts", "max_task_retries", "name")
+#: Seconds to look again at a shortage of free CPUs before sizing the actors' requests to it.
+_RELEASE_LAG_SECONDS = 1.0
 
 
 def check_actor_options(actor_options: Sequence[dict[str, Any]]) -> None:
@@ -35,7 +38,7 @@ def with_defaults(ray: Any, actor_options: Sequence[dict[str, Any]]) -> list[dic
     """
     explicit = sum(float(o["num_cpus"]) for o in actor_options if o.get("num_cpus") is not None)
     count = sum(1 for o in actor_options if o.get("num_cpus") is None)
-    free = max(0.0, float(ray.available_resources().get("CPU", 0.0)) - explicit)
+    free = max(0.0, _free_cpus(ray, wanted=explicit + count) - explicit)
     share = 1.0 if free >= count else math.floor(free / max(1, count) * 10_000) / 10_000
     if count and share < 1.0:
         total = float(ray.cluster_resources().get("CPU", 0.0))
@@ -57,6 +60,20 @@ def with_defaults(ray: Any, actor_options: Sequence[dict[str, Any]]) -> list[dic
         }
         for options in actor_options
     ]
+
+
+def _free_cpus(ray: Any, wanted: float) -> float:
+    """The CPUs free now, looked at again for a moment while fewer than ``wanted`` are.
+
+    Ray's view of free resources lags a release by up to one resource report (~0.1 s), so a
+    pool started right after another closed would otherwise see that one's CPUs as taken.
+    """
+    deadline = time.monotonic() + _RELEASE_LAG_SECONDS
+    while True:
+        free = float(ray.available_resources().get("CPU", 0.0))
+        if free >= wanted or time.monotonic() >= deadline:
+            return free
+        time.sleep(0.1)
 
 
 def warn_if_unschedulable(ray: Any, requests: Sequence[dict[str, float]]) -> None:
