@@ -242,6 +242,10 @@ class Dispatcher:
     def has_retries(self) -> bool:
         return bool(self._retry)
 
+    def holds_abandoned_work(self) -> bool:
+        """Whether a worker still holds chunks of a map that ended or was abandoned."""
+        return any(chunk.run_id != self.run_id for slot in self.slots for chunk in slot.in_flight)
+
     def end_run(self) -> None:
         """Forget the finished or abandoned run: late results of its chunks are dropped."""
         self.run_id += 1

@@ -19,7 +19,8 @@ Nothing leaks (every name is ``psm-<parent pid>-<sender tag>-<n>``):
 - and because a worker stuck in native code cannot run its watchdog, every segment in
   /dev/shm is also registered with multiprocessing's resource tracker, a separate process
   that unlinks whatever is still registered once the parent and all workers are gone;
-- a pool starting on the machine sweeps segments whose parent process no longer exists.
+- a pool starting on the machine sweeps segments whose parent process no longer exists
+  (``_orphans``).
 
 ``fallocate`` reserves pages up front: on a full /dev/shm (small in many containers) it fails
 cleanly, where ``ftruncate`` alone would crash the writer with SIGBUS later. The buffer then
@@ -288,38 +289,6 @@ def _remove(path: Path) -> bool:
         from multiprocessing import resource_tracker
 
         resource_tracker.unregister(f"/{path.name}", "shared_memory")
-    return True
-
-
-def sweep_orphans() -> int:
-    """Remove segments whose parent process no longer exists; returns how many.
-
-    A parent killed while a worker was stuck in native code leaves that worker no chance to
-    clean up; the next pool started on the machine does it.
-    """
-    if not SHM_DIR.is_dir():
-        return 0
-    dead: set[str] = set()
-    alive: set[str] = set()
-    removed = 0
-    for path in SHM_DIR.glob("psm-*"):
-        pid = path.name.split("-")[1]
-        if pid not in alive and pid not in dead:
-            (dead if not pid.isdigit() or not pid_alive(int(pid)) else alive).add(pid)
-        if pid in dead:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed += 1
-    return removed
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
     return True
 
 

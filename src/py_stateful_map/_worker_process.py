@@ -1,8 +1,8 @@
 """Entry point of a worker process: the child side of one duplex pipe.
 
 The main thread builds state, then receives → runs → sends until ``Stop`` — nothing else.
-Reading happens only between chunks, so a worker that holds the GIL in user code never
-delays the parent: the parent never blocks on a write (it buffers what the pipe cannot take).
+Reading happens only between chunks; the parent never blocks on a write to us (it keeps
+what the pipe cannot take in an outbox), so a worker busy in user code delays nobody.
 
 A watchdog thread sleeps in ``poll()`` on the pipe waiting only for hang-up: when the parent
 dies, the kernel closes its end and the worker exits at once, busy or idle. Where the parent
@@ -25,30 +25,24 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from multiprocessing.connection import Connection
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from ._protocol import (
     EXIT_POISONED,
     ChunkDone,
     ChunkUnreadable,
     InitFailed,
-    ItemError,
     Ready,
     ResendItemwise,
-    RunChunk,
     Stop,
 )
-from ._serialization import Codec, dumps, loads
-from ._shared_memory import Descriptor, SegmentPool, available, prefix_for, unlink_prefix
+from ._serialization import Codec, loads
+from ._shared_memory import SegmentPool, available, prefix_for, unlink_prefix
+from ._worker_answers import RETAINED_ANSWERS, make_sendable, run_encoded_chunk
 from ._worker_env import ensure_environment_in_time, enter_worker_environment
 from ._worker_runtime import WorkerRuntime, report_error
-from .errors import SerializationError
 
-#: Answers a worker keeps for ``ResendItemwise``: the one the parent could not read, plus the
-#: chunks the parent had already sent after it (it keeps at most two in a worker's hands).
-RETAINED_ANSWERS = 4
 #: Exit status of a worker whose parent disappeared (hang-up on its pipe).
 EXIT_PARENT_GONE = 3
 _PR_SET_PDEATHSIG = 1
@@ -174,21 +168,6 @@ def _watch_parent(conn: Connection, parent_pid: int, death_signal: bool) -> None
     threading.Thread(target=watch, name="psm-parent-watchdog", daemon=True).start()
 
 
-def run_encoded_chunk(
-    runtime: WorkerRuntime,
-    codec: Codec,
-    task: RunChunk,
-    raw_items: memoryview,
-    descriptors: list[Descriptor],
-    detached: Sequence[Any] | None = None,
-) -> ChunkDone | ChunkUnreadable:
-    try:
-        items = codec.with_payload(task, raw_items, descriptors, detached).payload
-    except Exception as exc:  # the parent splits the chunk and blames one item
-        return ChunkUnreadable(task.chunk_id, payload=f"{type(exc).__name__}: {exc}")
-    return runtime.run_chunk(task, items)
-
-
 def _send(
     conn: Connection, codec: Codec, message: Ready | InitFailed | ChunkDone | ChunkUnreadable
 ) -> None:
@@ -200,46 +179,3 @@ def _send(
         conn.send_bytes(frame)
     except OSError:
         _exit_parent_gone(os.getppid() if _parent_pid is None else _parent_pid)
-
-
-def make_sendable(message: Any) -> Any:
-    """Replace each value or exception that cannot be pickled with a per-item error."""
-    if isinstance(message, InitFailed):
-        exc, tb_text = message.payload
-        return InitFailed(message.pid, payload=(_picklable_exception(exc, "exception"), tb_text))
-    if not isinstance(message, ChunkDone):
-        raise TypeError(f"cannot make {type(message).__name__} sendable")
-    values, errors = message.payload
-    fixed_errors: list[ItemError] = [
-        (offset, _picklable_exception(exc, f"exception of item {message.start + offset}"), tb)
-        for offset, exc, tb in errors or ()
-    ]
-    fixed_values = list(values)
-    for offset, value in enumerate(values):
-        reason = _pickle_problem(value)
-        if reason is not None:
-            fixed_values[offset] = None
-            error = SerializationError(
-                f"the result of item {message.start + offset} "
-                f"({type(value).__module__}.{type(value).__qualname__}) cannot be pickled: {reason}"
-            )
-            fixed_errors.append((offset, error, ""))
-    fixed_errors.sort(key=lambda entry: entry[0])
-    return dataclasses.replace(message, payload=(fixed_values, fixed_errors))
-
-
-def _pickle_problem(obj: Any) -> str | None:
-    try:
-        dumps(obj)
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-def _picklable_exception(exc: BaseException, what: str) -> BaseException:
-    if _pickle_problem(exc) is None and _pickle_problem(type(exc)) is None:
-        return exc
-    return SerializationError(
-        f"the {what} {type(exc).__module__}.{type(exc).__qualname__}({exc}) cannot be pickled; "
-        "this stand-in carries its text"
-    )

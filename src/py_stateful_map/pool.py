@@ -307,6 +307,9 @@ class StateFullWorkerPool(Generic[T]):
         after ``close()`` began. In a process forked from the pool's owner it does nothing:
         the workers belong to the owner.
         """
+        dispatcher = getattr(self, "_dispatcher", None)
+        if dispatcher is not None and dispatcher.holds_abandoned_work():
+            cancel = True  # the workers are busy with a map nobody will read
         if self._join_timeout is not None:
             grace = self._join_timeout
         else:

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from .._protocol import InitFailed, Ready, ResendItemwise
 from .._serialization import loads
-from .._worker_process import RETAINED_ANSWERS, make_sendable, run_encoded_chunk
+from .._worker_answers import RETAINED_ANSWERS, make_sendable, run_encoded_chunk
 from .._worker_runtime import WorkerRuntime, format_exception_text
 from ._ray_codec import RayCodec
 from ._ray_devices import with_assigned_devices

@@ -38,13 +38,14 @@ from typing import Any
 from .._chunking import LOCAL_POLICY
 from .._crash_dirs import make_crash_dir
 from .._device_discovery import ensure_fork_is_safe
+from .._orphans import sweep_orphans
 from .._protocol import (
     Stop,
     ToWorker,
     WorkerExited,
 )
 from .._serialization import Codec, decode_from_worker, dumps_by_value, pickle_specs
-from .._shared_memory import SegmentPool, available, prefix_for, sweep_orphans, unlink_prefix
+from .._shared_memory import SegmentPool, available, prefix_for, unlink_prefix
 from .._worker_env import WorkerName
 from .._worker_process import worker_process_main
 from .._worker_runtime import WorkerSpec
@@ -148,8 +149,8 @@ class ProcessBackend:
         self._processes: list[BaseProcess | None] = [None] * count
         self._channels: list[_Channel | None] = [None] * count
         self._retiring: list[_Retiring] = []
+        sweep_orphans()  # what earlier pools' killed parents left behind
         self._crash_dir = make_crash_dir()
-        sweep_orphans()  # segments of earlier runs whose parent was killed mid-transfer
         own_prefix = f"{prefix_for(os.getpid())}p{next(_POOL_IDS)}-"
         self._segments = SegmentPool(own_prefix) if available() else None
         self._worker_pids: set[int] = set()

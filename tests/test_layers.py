@@ -1,0 +1,49 @@
+"""The code that runs inside a worker imports nothing of the code that steers it.
+
+A worker process (or Ray actor) imports the worker side only: the loop, the runtime, the
+batch runner, the transport. Importing the parent's scheduler there would cost start-up time,
+and the one-way dependency keeps policy out of the child (see STYLE.md).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+WORKER_SIDE = [
+    "py_stateful_map._worker_process",
+    "py_stateful_map._worker_answers",
+    "py_stateful_map._worker_runtime",
+    "py_stateful_map._batch_runner",
+    "py_stateful_map.backends._ray_actor",
+]
+PARENT_SIDE = {
+    "py_stateful_map.pool",
+    "py_stateful_map.device_pool",
+    "py_stateful_map._dispatcher",
+    "py_stateful_map._map_run",
+    "py_stateful_map._slots",
+    "py_stateful_map._input",
+    "py_stateful_map._length_chunks",
+    "py_stateful_map._chunking",
+    "py_stateful_map._progress",
+    "py_stateful_map._fault_reports",
+    "py_stateful_map._orphans",
+    "py_stateful_map.backends.processes",
+    "py_stateful_map.backends.threads",
+    "py_stateful_map.backends.ray",
+}
+
+
+def test_worker_side_imports_no_parent_side_module() -> None:
+    code = (
+        "import importlib, sys\n"
+        f"for name in {WORKER_SIDE!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('py_stateful_map'))))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
+    assert set(WORKER_SIDE) <= set(loaded)
+    assert PARENT_SIDE.isdisjoint(loaded), sorted(PARENT_SIDE.intersection(loaded))
