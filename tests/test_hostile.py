@@ -351,3 +351,39 @@ def test_shared_memory_of_dropped_results_is_released_and_unmapped_at_close() ->
     gc.collect()
     assert _mapped_segments() == [], "a closed pool still maps its workers' segments"
     assert _shm_bytes(os.getpid()) == 0
+
+
+# -- 11. the out-of-band pickler keeps copyreg's reducers ------------------------------------
+
+
+class OnlyCopyreg:
+    """Picklable only through a ``copyreg`` registration (as many C-extension types are)."""
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("pickle me through copyreg")
+
+
+def _rebuild_only_copyreg(array: Any) -> OnlyCopyreg:
+    return OnlyCopyreg(array)
+
+
+def test_copyreg_reducers_still_apply_with_torch_loaded(tmp_path: Path) -> None:
+    import copyreg
+
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("torch")  # loaded: the pickler's table then holds the tensor reducer
+    from py_stateful_map._shared_memory import SegmentPool
+
+    copyreg.pickle(OnlyCopyreg, lambda obj: (_rebuild_only_copyreg, (obj.array,)))
+    try:
+        pool = SegmentPool(f"psm-{os.getpid()}-copyreg-test-")
+        try:
+            _, descriptors = pool.dumps(OnlyCopyreg(np.ones(2**18)))  # 2 MiB
+            assert descriptors, "the array fell back to the pipe"
+        finally:
+            pool.close()
+    finally:
+        del copyreg.dispatch_table[OnlyCopyreg]
