@@ -227,3 +227,8 @@ class BreaksItsSlot:
             os._exit(9)
         time.sleep(0.01)
         return x
+
+
+def drop_one(batch: list[int]) -> list[int]:
+    """A batched call that returns one result too few when the batch holds 6."""
+    return list(batch)[:-1] if 6 in batch else list(batch)

@@ -387,3 +387,10 @@ def test_copyreg_reducers_still_apply_with_torch_loaded(tmp_path: Path) -> None:
             pool.close()
     finally:
         del copyreg.dispatch_table[OnlyCopyreg]
+
+
+@pytest.mark.parametrize("kind", ["processes", "threads"])
+def test_wrong_result_count_names_the_batch_items_under_immediate(kind: str) -> None:
+    with make_pool(kind, hostile.drop_one, batch_size=4) as pool:
+        with pytest.raises(ValueError, match=r"items 4\.\.7"):
+            list(pool.map(range(12)))
