@@ -7,14 +7,17 @@
     start_worker  -> Actor.options(...).remote(env, spec bytes)
                      actor.start.remote()  ---> env, unpickle spec, WorkerRuntime.start()
                      actor.watch.remote()  ---> awaits forever: fails only when the actor dies
-    send          -> actor.run_chunk.remote(seq, frame, buffers) ---> WorkerRuntime.run_chunk
-    wait          <- ray.wait(start refs + each actor's oldest chunk ref + watch refs)
+                     actor.ping.remote()   ---> answered by the event loop (liveness probe)
+    send          -> actor.run_chunk.remote(seq, frame, buffers, refs) ---> WorkerRuntime
+    wait          <- ray.wait(start refs + each actor's oldest chunk ref + watch refs), probes
 
-Frames are the processes backend's: the parent pickles each chunk itself and the actor pickles
-each answer itself, so a value that cannot cross still fails one known item. Large buffers
-(numpy arrays, torch CPU tensors of 64 KiB or more) leave the pickle and travel next to the
-frame as pickle-5 buffers, which Ray writes once into its shared-memory object store; the
-receiver copies each out once, so arrays arrive writable, as on the other backends.
+The actor's side is ``_ray_actor.ActorWorker``. Frames are the processes backend's: the parent
+pickles each chunk itself and the actor pickles each answer itself, so a value that cannot
+cross still fails one known item. Large buffers (numpy arrays, torch CPU tensors of 64 KiB or
+more) leave the pickle and travel next to the frame as pickle-5 buffers, which Ray writes once
+into its shared-memory object store; the receiver copies each out once, so arrays arrive
+writable, as on the other backends. Ray object references travel next to the frame too, where
+Ray counts them (``_ray_codec``).
 
 *Death.* Every live actor has one ``watch()`` call pending that never returns, so Ray fails
 its reference the moment the actor dies, idle or busy — the counterpart of a process
