@@ -232,3 +232,32 @@ class BreaksItsSlot:
 def drop_one(batch: list[int]) -> list[int]:
     """A batched call that returns one result too few when the batch holds 6."""
     return list(batch)[:-1] if 6 in batch else list(batch)
+
+
+def start_grandchild(registry: str) -> int:
+    """Start a process that would run for a minute; record its pid; return it."""
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with open(registry, "a") as f:
+        f.write(f"{child.pid}\n")
+    return child.pid
+
+
+class WithGrandchild:
+    """A worker that starts a process of its own at construction (a DataLoader's workers)."""
+
+    def __init__(self, registry: str) -> None:
+        self.registry = registry
+        start_grandchild(registry)
+
+    def __call__(self, x: Any) -> Any:
+        if x == "hang":
+            start_grandchild(self.registry)
+            time.sleep(60)
+        if x == "nested-pool":
+            import multiprocessing
+
+            with multiprocessing.get_context("spawn").Pool(2) as pool:
+                return sum(pool.map(abs, [-1, -2, -3]))
+        return x

@@ -136,12 +136,9 @@ def test_close_is_bounded_when_workers_survive_sigkill(monkeypatch: pytest.Monke
     for pid in pids:  # a worker that ignores Stop and every signal it can
         os.kill(pid, signal.SIGSTOP)
     monkeypatch.setattr(processes, "_REAP_SECONDS", 1.0)
-    monkeypatch.setattr(
-        processes.multiprocessing.process.BaseProcess, "kill", lambda self: None
-    )  # as if stuck in the kernel: SIGKILL has no effect
-    monkeypatch.setattr(
-        processes.multiprocessing.process.BaseProcess, "terminate", lambda self: None
-    )
+    # As if stuck in the kernel (a GPU driver call): no signal has any effect.
+    monkeypatch.setattr(processes, "_signal_tree", lambda process, signum: None)
+    monkeypatch.setattr(processes, "_end_tree", lambda process: None)
     started = time.monotonic()
     try:
         pool.close()

@@ -62,6 +62,7 @@ def worker_process_main(
     _parent_pid = parent_pid
     started = time.perf_counter()
     enter_worker_environment(env)  # spawn/forkserver: done before __main__ (see _worker_env)
+    lead_own_process_group()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     crash_log = open(crash_log_path, "w")  # noqa: SIM115, PTH123 - must outlive this frame
     faulthandler.enable(file=crash_log, all_threads=True)
@@ -118,9 +119,28 @@ def _exit_without_waiting_for_threads() -> NoReturn:
 
 
 def _exit_parent_gone(parent_pid: int) -> NoReturn:
-    """Remove the dead parent's shared memory (ours and its), then leave at once."""
+    """Remove the dead parent's shared memory (ours and its), then leave at once.
+
+    Whatever this worker started (a DataLoader's workers, tensor-parallel ranks) is in our
+    process group: it goes with us, since nobody else is left to end it.
+    """
     unlink_prefix(prefix_for(parent_pid))
+    with contextlib.suppress(OSError):
+        os.killpg(os.getpgid(0), signal.SIGKILL)  # ourselves included
     os._exit(EXIT_PARENT_GONE)
+
+
+def lead_own_process_group() -> None:
+    """Make this worker the leader of a process group of its own.
+
+    Its children and their children (unless they leave on purpose) join the group, so the
+    parent can end the worker's whole tree with one ``killpg`` — on a restart, a timeout, a
+    recycle, ``close()`` — as loky's ``kill_process_tree`` does by walking it. The parent
+    sets the same group right after the start, so neither side races the other (the way a
+    shell starts a job).
+    """
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
 
 
 def _let_the_forkserver_end_with_the_parent() -> None:

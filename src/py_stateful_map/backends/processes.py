@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import select
 import shutil
+import signal
 import socket
 import struct
 import sys
@@ -179,6 +180,9 @@ class ProcessBackend:
         )
         process.start()
         child_conn.close()  # only the child holds its end, so EOF reaches each side on death
+        if process.pid is not None:
+            with contextlib.suppress(OSError):  # the child does it too: whoever runs first
+                os.setpgid(process.pid, process.pid)
         self._processes[index] = process
         self._channels[index] = _Channel(parent_conn, Codec(self._segments))
         if process.pid is not None:
@@ -282,6 +286,7 @@ class ProcessBackend:
     def _reap(self, index: int) -> WorkerExited:
         process = self._processes[index]
         assert process is not None
+        _end_tree(process)  # what it started dies with it (the zombie still holds the group id)
         process.join(timeout=_REAP_SECONDS)
         channel = self._channels[index]
         if channel is not None:
@@ -340,6 +345,7 @@ class ProcessBackend:
             if retiring.process.is_alive():
                 still.append(retiring)
                 continue
+            _end_tree(retiring.process)
             retiring.process.join(_REAP_SECONDS)
             retiring.channel.close()
             self._woken = True  # its slot may start a successor now: let the dispatcher act
@@ -392,12 +398,14 @@ def _force_exit(processes: list[BaseProcess], *, cancel: bool) -> None:
     log = logger.info if cancel else logger.warning  # cancelling: expected
     for process in stragglers:
         log("worker pid %s did not stop in time; terminating it", process.pid)
-        process.terminate()
+        _signal_tree(process, signal.SIGTERM)
     _join_all(stragglers, 1.0)
     for process in stragglers:
         if process.is_alive():
-            process.kill()
+            _signal_tree(process, signal.SIGKILL)
     _join_all(stragglers, _REAP_SECONDS)
+    for process in processes:
+        _end_tree(process)  # children of workers that stopped on their own
     for process in stragglers:
         if process.is_alive():
             logger.error(
@@ -414,8 +422,32 @@ def _join_all(processes: list[BaseProcess], seconds: float) -> None:
 
 
 def _kill(process: BaseProcess) -> None:
-    process.kill()
+    _signal_tree(process, signal.SIGKILL)
     process.join(_REAP_SECONDS)
+
+
+def _signal_tree(process: BaseProcess, signum: int) -> None:
+    """Signal a worker and everything it started (its process group, see
+    ``_worker_process.lead_own_process_group``); the worker alone if it has no group yet."""
+    pid = process.pid
+    if pid is None:
+        return
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        return
+    except OSError:  # not (yet) a group leader
+        if signum == signal.SIGKILL:
+            process.kill()
+        else:
+            process.terminate()
+
+
+def _end_tree(process: BaseProcess) -> None:
+    """SIGKILL what is left of an exited (not yet reaped) worker's process group."""
+    if process.pid is not None:
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def _wait_for_exit(live: list[tuple[BaseProcess, _Channel | None]], deadline: float | None) -> None:
