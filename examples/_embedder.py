@@ -19,7 +19,9 @@ padding efficiency (real tokens / padded tokens) as the model saw it.
 from __future__ import annotations
 
 import inspect
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 #: Set before sentence-transformers or transformers are imported, here and in every worker:
@@ -92,6 +94,49 @@ class Embedder:
             "tokens": mask.sum(dim=1).numpy(),
             "padded": [int(mask.shape[1])] * int(mask.shape[0]),
         }
+
+
+class TokenCounter:
+    """A ``length_fn`` that counts the tokens the model will see, with its own tokenizer.
+
+    ``len`` (characters) is a rough proxy for tokens: sorted by characters, batches of this
+    corpus are still about 0.84 real tokens, the rest padding; sorted by tokens, 0.95. This
+    uses the fast ``tokenizers`` library (no transformers, no torch: about 30 us a sentence
+    and 10 MB in the caller's process), truncating where the model truncates.
+
+    >>> count = TokenCounter()
+    >>> count("Hello world.")  # [CLS] hello world . [SEP]
+    5
+    """
+
+    def __init__(self) -> None:
+        from tokenizers import Tokenizer
+
+        folder = Path(model_path())
+        config = json.loads((folder / "sentence_bert_config.json").read_text())
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(int(config["max_seq_length"]))
+
+    def __call__(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+
+#: Length-aware batching for this model, by the cost function: ``length_fn``, the budget on
+#: sentences x longest cost per batch, and the window sorted at once. Token budgets keep a
+#: batch of 32 short sentences whole and cut one of 120-word sentences to about 6.
+BATCHING = {
+    "tokens": {"max_batch_tokens": 1024, "sort_window": 1024},
+    "len": {"max_batch_tokens": 4096, "sort_window": 1024},
+}
+
+
+def length_aware_options(length_fn: str = "tokens") -> dict[str, Any]:
+    """``DevicePool`` keywords for length-aware batching; {} where this version lacks it."""
+    if not length_aware_available():
+        return {}
+    function = TokenCounter() if length_fn == "tokens" else len
+    return {"length_fn": function, **BATCHING[length_fn]}
 
 
 def length_aware_available() -> bool:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 from _corpus import write_corpus
-from _embedder import DIMENSION, MODEL_NAME, Embedder, go_offline, length_aware_available
+from _embedder import DIMENSION, MODEL_NAME, Embedder, go_offline, length_aware_options
 from tqdm import tqdm
 
 from py_stateful_map import DevicePool, resolve_devices
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or args.corpus.with_name(args.corpus.name + ".embeddings")
     devices: list[str] = args.devices
     per_device = args.workers_per_device or (2 if devices == ["cpu"] else 1)
-    options: dict[str, Any] = {"length_fn": len} if length_aware_available() else {}
+    options = length_aware_options("tokens")  # {} where length-aware batching is missing
     total = count_lines(args.corpus)
     writer = ShardWriter(out, args.shard_size)
 

@@ -9,10 +9,11 @@ package and loaded from disk, offline. The corpus is ``--sentences`` generated E
 sentences of 4 to 120 words (long-tailed, as real text is; ``examples/_corpus.py``).
 
 ``DevicePool`` runs one worker per GPU (two on a CPU-only machine, each on its share of the
-cores); each loads the model once. Batching is length-aware: ``length_fn=len`` gives each
-sentence a cost, a window of ``--sort-window`` sentences is sorted by it, and batches are cut
-so that ``items x longest <= --max-batch-tokens``: sentences of similar length share a batch,
-so little of each batch is padding. The worker tokenizes the next batch in ``prepare`` while
+cores); each loads the model once. Batching is length-aware: ``length_fn`` gives each
+sentence a cost (its token count, from the model's own tokenizer; ``--length-fn len`` counts
+characters), a window of ``--sort-window`` sentences is sorted by it, and batches are cut so
+that ``sentences x longest <= --max-batch-tokens``: sentences of similar length share a
+batch, so little of each batch is padding. The worker tokenizes the next batch in ``prepare`` while
 the model runs on the current one. Results still come back per sentence, in corpus order,
 with ``len()``, so the progress bar knows the total.
 
@@ -33,11 +34,13 @@ from typing import Any
 import numpy as np
 from _corpus import SEARCH_QUERIES, Corpus, topic_of
 from _embedder import (
+    BATCHING,
     DIMENSION,
     MODEL_NAME,
     Embedder,
     go_offline,
     length_aware_available,
+    length_aware_options,
     padding_from_stats,
 )
 from tqdm import tqdm
@@ -60,19 +63,21 @@ def parse_devices(text: str) -> str | int | list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sentences", type=int, default=2000, help="corpus size (2000)")
+    parser.add_argument("--sentences", type=int, default=3000, help="corpus size (3000)")
     parser.add_argument("--devices", default="auto", help="auto | cpu | N | cuda:0,cuda:1")
     parser.add_argument(
         "--workers-per-device", type=int, default=None, help="default: 2 on the CPU, 1 per GPU"
     )
     parser.add_argument("--batch-size", type=int, default=32, help="sentences per batch (32)")
     parser.add_argument(
+        "--length-fn", choices=tuple(BATCHING), default="tokens", help="cost of a sentence"
+    )
+    parser.add_argument(
         "--max-batch-tokens",
         type=int,
-        default=4096,
-        help="budget per batch: sentences x longest length in characters (4096)",
+        help="budget per batch: sentences x longest cost (1024 tokens, 4096 characters)",
     )
-    parser.add_argument("--sort-window", type=int, default=1024, help="sentences sorted at once")
+    parser.add_argument("--sort-window", type=int, help="sentences sorted at once (1024)")
     parser.add_argument(
         "--arrival-order", action="store_true", help="batches in corpus order (no sorting)"
     )
@@ -90,14 +95,14 @@ def batching_options(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         return {}, "arrival order"
     if not length_aware_available():
         return {}, "arrival order (this py_stateful_map has no length-aware batching yet)"
-    options = {
-        "length_fn": len,
-        "max_batch_tokens": args.max_batch_tokens,
-        "sort_window": args.sort_window,
-    }
+    options = length_aware_options(args.length_fn)
+    for name in ("max_batch_tokens", "sort_window"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    counted = "tokens" if args.length_fn == "tokens" else "characters"
     return options, (
-        f"length-aware (length_fn=len, max_batch_tokens={args.max_batch_tokens}, "
-        f"sort_window={args.sort_window})"
+        f"length-aware (length_fn counts {counted}, max_batch_tokens="
+        f"{options['max_batch_tokens']}, sort_window={options['sort_window']})"
     )
 
 

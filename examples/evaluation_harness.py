@@ -18,7 +18,8 @@ What an evaluation harness needs from the pool, and where it comes from here:
   error, not a crash;
 - one model load for several passes: the same pool maps the corpus, then the queries;
 - batches sized for the hardware: ``batch_size`` with length-aware batching where this
-  py_stateful_map has it (``length_fn=len``: sentences of similar length share a batch);
+  py_stateful_map has it (``length_fn`` counts tokens: sentences of similar length share a
+  batch);
 - a parent that never imports torch: results are numpy arrays, only the workers use torch.
 """
 
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 from _corpus import TOPIC_NAMES, Corpus, topic_of
-from _embedder import DIMENSION, MODEL_NAME, Embedder, go_offline, length_aware_available
+from _embedder import DIMENSION, MODEL_NAME, Embedder, go_offline, length_aware_options
 from tqdm import tqdm
 
 from py_stateful_map import DevicePool, ExceptionBehavior, resolve_devices
@@ -108,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     corpus = Corpus(args.sentences)
     targets = list(range(0, len(corpus), args.query_every))
     queries = [make_query(corpus[i], i) for i in targets]
-    options: dict[str, Any] = {"length_fn": len} if length_aware_available() else {}
+    options = length_aware_options("tokens")  # {} where length-aware batching is missing
 
     with DevicePool(
         Embedder,
