@@ -274,7 +274,7 @@ def test_forkserver_preloads_no_user_module() -> None:
 @pytest.fixture
 def driver_started(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CUDA driver was initialized (``torch.cuda.is_available()``), torch's context not."""
-    monkeypatch.setattr(dd, "cuda_driver_initialized", lambda: True)
+    monkeypatch.setattr(dd, "cuda_driver_initialized", lambda: True, raising=False)
 
 
 @pytest.mark.usefixtures("driver_started")
@@ -295,7 +295,7 @@ def test_fork_is_refused_for_a_restart_after_cuda_started(
 ) -> None:
     with StateFullWorkerPool(1, faults.run_item, start_method="fork") as pool:
         assert [r.ret_val for r in pool.map([faults.ok(1)])] == [1]
-        monkeypatch.setattr(dd, "cuda_driver_initialized", lambda: True)
+        monkeypatch.setattr(dd, "cuda_driver_initialized", lambda: True, raising=False)
         with pytest.raises(RuntimeError, match=r"cannot use start_method='fork'"):
             list(pool.map([(faults.exit_worker, 3), faults.ok(2)]))
 
