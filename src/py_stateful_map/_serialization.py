@@ -135,9 +135,7 @@ class Codec:
         go next to the frame and ``with_payload(..., detached=...)`` puts them back.
         """
         payload_bytes, buffers = _dumps_detached(message.payload)
-        header = pickle.dumps(
-            (dataclasses.replace(message, payload=None), [], ([], [])), _PROTOCOL
-        )
+        header = pickle.dumps((dataclasses.replace(message, payload=None), [], ([], [])), _PROTOCOL)
         frame = b"".join((_HEADER_SIZE.pack(len(header)), header, payload_bytes))
         return frame, buffers, len(payload_bytes) + sum(b.raw().nbytes for b in buffers)
 
