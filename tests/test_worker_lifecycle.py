@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from py_stateful_map import ExceptionBehavior, StateFullWorkerPool
-from py_stateful_map.backends import processes
+from py_stateful_map.backends import _process_tree
 
 from . import hostile
 
@@ -135,10 +135,10 @@ def test_close_is_bounded_when_workers_survive_sigkill(monkeypatch: pytest.Monke
     pids = [w["pid"] for w in pool.stats().workers]
     for pid in pids:  # a worker that ignores Stop and every signal it can
         os.kill(pid, signal.SIGSTOP)
-    monkeypatch.setattr(processes, "_REAP_SECONDS", 1.0)
+    monkeypatch.setattr(_process_tree, "REAP_SECONDS", 1.0)
     # As if stuck in the kernel (a GPU driver call): no signal has any effect.
-    monkeypatch.setattr(processes, "_signal_tree", lambda process, signum: None)
-    monkeypatch.setattr(processes, "_end_tree", lambda process: None)
+    monkeypatch.setattr(_process_tree, "signal_tree", lambda process, signum: None)
+    monkeypatch.setattr(_process_tree, "end_tree", lambda process: None)
     started = time.monotonic()
     try:
         pool.close()

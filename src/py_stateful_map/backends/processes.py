@@ -22,16 +22,11 @@ import multiprocessing
 import os
 import select
 import shutil
-import signal
-import socket
-import struct
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -51,60 +46,12 @@ from .._worker_env import WorkerName
 from .._worker_process import worker_process_main
 from .._worker_runtime import WorkerSpec
 from ..errors import SerializationError
+from . import _process_tree as tree
+from ._pipe_channel import PipeChannel
 from .base import Event
 
 logger = logging.getLogger("py_stateful_map")
 _POOL_IDS = itertools.count()  # tells apart the shared memory of pools in one process
-
-
-class _Channel:
-    """The parent's end of one worker's pipe, and its only writer.
-
-    Every frame to the worker — chunks and ``Stop`` alike — goes through :meth:`enqueue`, so a
-    frame is never written on top of a partly written one, and no write ever blocks: what the
-    pipe cannot take now waits in the outbox until ``poll`` says the pipe is writable.
-    """
-
-    def __init__(self, conn: Connection, codec: Codec) -> None:
-        self.conn = conn
-        self.codec = codec
-        self._sock: socket.socket | None = socket.socket(fileno=conn.fileno())  # MSG_DONTWAIT
-        self._outbox: deque[memoryview] = deque()
-        self.at_eof = False
-
-    @property
-    def pending(self) -> bool:
-        """Whether bytes wait for the pipe to become writable."""
-        return bool(self._outbox)
-
-    def enqueue(self, frame: bytes) -> None:
-        self._outbox.append(memoryview(_connection_frame(frame)))
-        if len(self._outbox) == 1:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write as much of the outbox as the pipe takes now, without blocking."""
-        sock, outbox = self._sock, self._outbox
-        while outbox and sock is not None:
-            try:
-                sent = sock.send(outbox[0], socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            except OSError:
-                outbox.clear()  # the worker died; its sentinel reports it, its chunks re-run
-                return
-            if sent == len(outbox[0]):
-                outbox.popleft()
-            else:
-                outbox[0] = outbox[0][sent:]
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.detach()  # the fd belongs to the Connection, which closes it
-            self._sock = None
-        self._outbox.clear()
-        self.conn.close()
-        self.codec.close()
 
 
 @dataclass(eq=False)
@@ -113,7 +60,7 @@ class _Retiring:
 
     index: int
     process: BaseProcess
-    channel: _Channel
+    channel: PipeChannel
     deadline: float
 
 
@@ -148,7 +95,7 @@ class ProcessBackend:
         self._retire_grace = retire_grace
         count = len(specs)
         self._processes: list[BaseProcess | None] = [None] * count
-        self._channels: list[_Channel | None] = [None] * count
+        self._channels: list[PipeChannel | None] = [None] * count
         self._retiring: list[_Retiring] = []
         sweep_orphans()  # what earlier pools' killed parents left behind
         self._crash_dir = make_crash_dir()
@@ -184,7 +131,7 @@ class ProcessBackend:
             with contextlib.suppress(OSError):  # the child does it too: whoever runs first
                 os.setpgid(process.pid, process.pid)
         self._processes[index] = process
-        self._channels[index] = _Channel(parent_conn, Codec(self._segments))
+        self._channels[index] = PipeChannel(parent_conn, Codec(self._segments))
         if process.pid is not None:
             self._worker_pids.add(process.pid)
 
@@ -286,8 +233,8 @@ class ProcessBackend:
     def _reap(self, index: int) -> WorkerExited:
         process = self._processes[index]
         assert process is not None
-        _end_tree(process)  # what it started dies with it (the zombie still holds the group id)
-        process.join(timeout=_REAP_SECONDS)
+        tree.end_tree(process)  # its children go too (the zombie still holds the group id)
+        process.join(timeout=tree.REAP_SECONDS)
         channel = self._channels[index]
         if channel is not None:
             channel.codec.reclaim()
@@ -309,7 +256,7 @@ class ProcessBackend:
     def kill(self, index: int) -> None:
         process = self._processes[index]
         if process is not None:
-            _kill(process)
+            tree.kill(process)
 
     def retire(self, index: int) -> None:
         """Ask worker ``index`` to exit once idle, and forget it; a new one may take its slot.
@@ -341,12 +288,12 @@ class ProcessBackend:
                     retiring.process.pid,
                     self._retire_grace,
                 )
-                _kill(retiring.process)
+                tree.kill(retiring.process)
             if retiring.process.is_alive():
                 still.append(retiring)
                 continue
-            _end_tree(retiring.process)
-            retiring.process.join(_REAP_SECONDS)
+            tree.end_tree(retiring.process)
+            retiring.process.join(tree.REAP_SECONDS)
             retiring.channel.close()
             self._woken = True  # its slot may start a successor now: let the dispatcher act
         self._retiring = still
@@ -354,7 +301,7 @@ class ProcessBackend:
     def shutdown(self, grace: float | None, *, cancel: bool) -> None:
         if os.getpid() != self._owner_pid:
             return  # a forked copy of the caller: the workers are not ours to stop
-        live: list[tuple[BaseProcess, _Channel | None]] = [
+        live: list[tuple[BaseProcess, PipeChannel | None]] = [
             (process, channel)
             for process, channel in zip(self._processes, self._channels, strict=True)
             if process is not None
@@ -365,7 +312,7 @@ class ProcessBackend:
                 channel.enqueue(channel.codec.encode(Stop())[0])
         deadline = None if grace is None else time.monotonic() + grace
         _wait_for_exit(live, deadline)
-        _force_exit([process for process, _ in live], cancel=cancel)
+        tree.force_exit([process for process, _ in live], cancel=cancel)
         for _, channel in live:
             if channel is not None:
                 channel.close()
@@ -386,71 +333,11 @@ class ProcessBackend:
 #: ``owner`` markers in ``_wait_once`` for fds that belong to no live worker index.
 _WAKE = -1
 _RETIRING = -2
-#: Seconds to wait for a process that has exited (or was SIGKILLed) to be reaped. A process
-#: stuck in the kernel (an uninterruptible GPU driver call) survives SIGKILL: never wait
-#: forever for it.
-_REAP_SECONDS = 5.0
 
 
-def _force_exit(processes: list[BaseProcess], *, cancel: bool) -> None:
-    """Terminate the workers still alive, then kill them; all at once, each step bounded."""
-    stragglers = [process for process in processes if process.is_alive()]
-    log = logger.info if cancel else logger.warning  # cancelling: expected
-    for process in stragglers:
-        log("worker pid %s did not stop in time; terminating it", process.pid)
-        _signal_tree(process, signal.SIGTERM)
-    _join_all(stragglers, 1.0)
-    for process in stragglers:
-        if process.is_alive():
-            _signal_tree(process, signal.SIGKILL)
-    _join_all(stragglers, _REAP_SECONDS)
-    for process in processes:
-        _end_tree(process)  # children of workers that stopped on their own
-    for process in stragglers:
-        if process.is_alive():
-            logger.error(
-                "worker pid %s survives SIGKILL (stuck in the kernel or a driver); "
-                "leaving it behind",
-                process.pid,
-            )
-
-
-def _join_all(processes: list[BaseProcess], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-
-
-def _kill(process: BaseProcess) -> None:
-    _signal_tree(process, signal.SIGKILL)
-    process.join(_REAP_SECONDS)
-
-
-def _signal_tree(process: BaseProcess, signum: int) -> None:
-    """Signal a worker and everything it started (its process group, see
-    ``_worker_process.lead_own_process_group``); the worker alone if it has no group yet."""
-    pid = process.pid
-    if pid is None:
-        return
-    try:
-        os.killpg(pid, signum)
-    except ProcessLookupError:
-        return
-    except OSError:  # not (yet) a group leader
-        if signum == signal.SIGKILL:
-            process.kill()
-        else:
-            process.terminate()
-
-
-def _end_tree(process: BaseProcess) -> None:
-    """SIGKILL what is left of an exited (not yet reaped) worker's process group."""
-    if process.pid is not None:
-        with contextlib.suppress(OSError):
-            os.killpg(process.pid, signal.SIGKILL)
-
-
-def _wait_for_exit(live: list[tuple[BaseProcess, _Channel | None]], deadline: float | None) -> None:
+def _wait_for_exit(
+    live: list[tuple[BaseProcess, PipeChannel | None]], deadline: float | None
+) -> None:
     """Until ``deadline``, keep flushing ``Stop`` frames and wait for the workers to exit."""
     while True:
         alive = [(p, c) for p, c in live if p.is_alive()]
@@ -495,14 +382,3 @@ def _poll(poller: select.poll, wait_ms: int | None) -> list[tuple[int, int]]:
         return poller.poll(wait_ms)
     except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
         return []
-
-
-_SHORT = struct.Struct("!i")
-_LONG = struct.Struct("!iQ")
-
-
-def _connection_frame(frame: bytes) -> bytes:
-    """Frame bytes exactly as ``Connection.send_bytes`` does, so the child can ``recv_bytes``."""
-    if len(frame) > 0x7FFFFFFF:
-        return _LONG.pack(-1, len(frame)) + frame
-    return _SHORT.pack(len(frame)) + frame
