@@ -6,13 +6,12 @@ The first stage's results are the second stage's input. What must hold end to en
   ahead of what the caller consumed, and leaving early stops both;
 - both stages show progress with the right total (``len()`` passes through);
 - an error in either stage is reported against its item: the failing position, the right
-  exception, every other item delivered once, in order.
+  exception, every other item delivered once, in order;
+- a stage-2 worker gets plain values, and an item that failed in stage 1 comes out of stage 2
+  failed with its own exception, without reaching a stage-2 worker.
 
-Small fast workers stand in for a tokenizer (stage 1) and a model (stage 2). Until ``map()``
-unwraps another map's results, a stage-2 worker receives each stage-1 result as a
-``WorkerResultWrapper``; ``value_of`` takes either. The tests marked ``chaining_contract`` are
-the contract once it does: the worker gets plain values, and an item that failed in stage 1
-comes out of stage 2 failed with its own exception, without reaching a stage-2 worker.
+Small fast workers stand in for a tokenizer (stage 1) and a model (stage 2); the model refuses
+a ``WorkerResultWrapper``, so a result that reached it still wrapped fails the test.
 """
 
 from __future__ import annotations
@@ -37,14 +36,6 @@ DEFERRED = ExceptionBehavior.DEFERRED
 BAD_IN_STAGE_1 = 7
 BAD_IN_STAGE_2 = 12
 
-def value_of(item: Any) -> Any:
-    """A stage-1 result's value (raising its error), or a plain value as is."""
-    if isinstance(item, WorkerResultWrapper):
-        if item.exception_obj is not None:
-            raise item.exception_obj
-        return item.ret_val
-    return item
-
 
 def tokenize(x: int) -> list[int]:
     """Stage 1 (CPU): fails on BAD_IN_STAGE_1."""
@@ -56,16 +47,14 @@ def tokenize(x: int) -> list[int]:
 class Model:
     """Stage 2 (GPU), batched: one result per item; fails on the item holding BAD_IN_STAGE_2."""
 
-    def __init__(self, device: str = "cpu", strict: bool = False) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         self.device = device
-        self.strict = strict  # plain values only (the chaining contract)
 
     def __call__(self, batch: list[Any]) -> list[int]:
         out = []
-        for item in batch:
-            if self.strict and isinstance(item, WorkerResultWrapper):
+        for tokens in batch:
+            if isinstance(tokens, WorkerResultWrapper):
                 raise TypeError("a stage-2 worker was handed a WorkerResultWrapper")
-            tokens = value_of(item)
             if tokens[0] == BAD_IN_STAGE_2:
                 raise RuntimeError(f"model failed on {tokens}")
             out.append(sum(tokens))
@@ -191,8 +180,7 @@ def test_slow_consumer_holds_both_stages_back(backend: str) -> None:
 def test_stage_2_workers_receive_plain_values(backend: str) -> None:
     with (
         StateFullWorkerPool(2, tokenize, backend=backend) as cpu,
-        DevicePool(Model, devices="cpu", batch_size=4, backend=backend,
-                   shared_kwarg_dict={"strict": True}) as gpu,
+        DevicePool(Model, devices="cpu", batch_size=4, backend=backend) as gpu,
     ):  # fmt: skip
         results = list(gpu.map(cpu.map(range(BAD_IN_STAGE_1))))
     assert [r.exception_obj for r in results] == [None] * BAD_IN_STAGE_1
@@ -204,10 +192,10 @@ def test_item_failed_in_stage_1_skips_stage_2_and_keeps_its_error(backend: str) 
     with (
         StateFullWorkerPool(2, tokenize, backend=backend, exception_behavior=DEFERRED) as cpu,
         DevicePool(Model, devices="cpu", batch_size=4, backend=backend,
-                   exception_behavior=DEFERRED, shared_kwarg_dict={"strict": True}) as gpu,
+                   exception_behavior=DEFERRED) as gpu,
     ):  # fmt: skip
         results = list(gpu.map(cpu.map(range(20))))
     failed = {r.obj_id: r.exception_obj for r in results if r.exception_obj is not None}
     assert list(failed) == [BAD_IN_STAGE_1, BAD_IN_STAGE_2]
-    assert isinstance(failed[BAD_IN_STAGE_1], ValueError)  # not the strict worker's TypeError
+    assert isinstance(failed[BAD_IN_STAGE_1], ValueError)  # not the TypeError of a wrapper
     assert gpu.stats().items_done == 19  # the failed item never reached a stage-2 worker
