@@ -16,6 +16,8 @@ Data flow::
             |
     place_devices(request)  [DevicePlacement(device, worker_device, environ), ...]
     resolve_devices(request) ["cuda:0", "cuda:1"] or ["cpu"]
+            |
+    _device_groups.place_groups(request, gpus_per_worker)   several GPUs per worker
 
 A process worker for ``cuda:3`` runs with ``CUDA_VISIBLE_DEVICES`` set to the one
 token that names that GPU, so it sees exactly one device, ``cuda:0``. A GPU in MIG mode
@@ -149,7 +151,9 @@ class DevicePlacement:
     environ: Mapping[str, str] = field(hash=False)
 
 
-DeviceRequest: TypeAlias = str | int | Sequence[str | int]
+#: ``"auto"``, ``"cpu"``, N, ``["cuda:0", 1]``, or groups of GPUs ``[[0, 1], [2, 3]]`` (one per
+#: worker, for ``DevicePool``; see ``_device_groups``).
+DeviceRequest: TypeAlias = str | int | Sequence[str | int] | Sequence[Sequence[str | int]]
 
 
 # -------------------------------------------------------- public entry points
@@ -498,6 +502,11 @@ def _normalize(device: object) -> str:
         if device < 0:
             raise ValueError(f"not a device: {device} (GPU indices start at 0)")
         return f"cuda:{device}"
+    if isinstance(device, (list, tuple)):
+        raise TypeError(
+            f"not a device: {device!r} (a group of GPUs for one worker is for "
+            "DevicePool(devices=[[0, 1], [2, 3]]))"
+        )
     if not isinstance(device, str) and not _is_torch_device(device):
         raise TypeError(f"not a device: {device!r} (expected a str or an int)")
     text = str(device).strip().lower()

@@ -1,10 +1,11 @@
 """``DevicePool``: one worker (or several) per device, each building its model on its device.
 
 The layer above the core pool. It resolves devices without touching CUDA in the parent, gives
-every worker its device through a constructor kwarg, isolates each process worker to its one
-GPU (``CUDA_VISIBLE_DEVICES`` set before any user import, so no worker also opens a context on
-GPU 0), keeps CPU workers from oversubscribing cores, and turns ``batch_size`` into batched
-calls with per-item results and out-of-memory back-off. Everything else is the core pool.
+every worker its device (and its group of GPUs, see ``_device_groups``) through constructor
+kwargs, isolates each process worker to its GPU or group (``CUDA_VISIBLE_DEVICES`` set before
+any user import, so no worker also opens a context on GPU 0), keeps CPU workers from
+oversubscribing cores, and turns ``batch_size`` into batched calls with per-item results and
+out-of-memory back-off. Everything else is the core pool.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import inspect
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from ._device_discovery import CPU, DevicePlacement, DeviceProbe, DeviceRequest, place_devices
+from ._device_discovery import CPU, DeviceProbe, DeviceRequest
+from ._device_groups import GroupPlacement, check_grouping, place_groups
 from ._gpu_memory import WORKERS_ON_DEVICE
 from .pool import StateFullWorkerPool
 from .results import T
@@ -40,7 +43,20 @@ class DevicePool(StateFullWorkerPool[T]):
     ['0 on cpu', '1 on cpu', '2 on cpu']
 
     ``devices``: ``"auto"`` (every visible GPU, else the CPU), ``"cpu"``, an int N (first N
-    GPUs) or a list like ``["cuda:0", 1]``. With ``batch_size`` the worker's ``__call__``
+    GPUs) or a list like ``["cuda:0", 1]``.
+
+    A model larger than one GPU: ``gpus_per_worker=k`` splits the GPUs into consecutive groups
+    of k, one worker each; ``devices=[[0, 1], [2, 3]]`` lists the groups (e.g. NVLink pairs).
+    A process worker sees only its group, as ``cuda:0`` ... ``cuda:<k-1>``, and gets
+    ``device="cuda:0"``; a worker whose ``__init__`` takes ``devices_kwarg`` (default
+    ``"devices"``; a parameter of that name, or ``**kwargs``) also gets its whole group,
+    ``devices=["cuda:0", "cuda:1"]`` (``["cuda:0"]`` for one GPU, ``["cpu"]`` on the CPU;
+    ``devices_kwarg=None`` never passes it). Thread workers cannot be masked and get the GPUs'
+    own names (``"cuda:2"``, ``["cuda:2", "cuda:3"]``); Ray actors ask for ``num_gpus=k``.
+    ``stats()``, logs and errors name a worker's GPUs as this process does (``"cuda:2,cuda:3"``).
+    ``"auto"`` without a GPU is one CPU worker, whatever ``gpus_per_worker`` says.
+
+    With ``batch_size`` the worker's ``__call__``
     receives a list of items (or ``collate_fn(list)``) and returns one result per item; on
     CUDA out-of-memory the batch is halved and retried (see ``stats()`` for back-offs).
     ``init_concurrency`` caps how many workers build their model at once (host RAM).
@@ -57,6 +73,8 @@ class DevicePool(StateFullWorkerPool[T]):
         device_kwarg: str = "device",
         batch_size: int | None = None,
         *,
+        gpus_per_worker: int = 1,
+        devices_kwarg: str | None = "devices",
         collate_fn: Callable[[list[Any]], Any] | None = None,
         shared_kwarg_dict: dict[str, Any] | None = None,
         init_concurrency: int | None = None,
@@ -65,12 +83,21 @@ class DevicePool(StateFullWorkerPool[T]):
     ) -> None:
         if not isinstance(workers_per_device, int) or workers_per_device < 1:
             raise ValueError(f"workers_per_device must be an int >= 1, got {workers_per_device!r}")
+        check_grouping(devices, gpus_per_worker, workers_per_device)
+        if devices_kwarg is not None and devices_kwarg == device_kwarg:
+            raise ValueError(f"device_kwarg and devices_kwarg are both {device_kwarg!r}")
+        injection = _Injection(
+            device_kwarg,
+            devices_kwarg if _accepts_keyword(worker_class, devices_kwarg) else None,
+            shared_kwarg_dict or {},
+        )
         if pool_options.get("backend") == "ray":
             self._init_on_ray(
                 worker_class,
                 devices,
                 workers_per_device,
-                device_kwarg,
+                gpus_per_worker,
+                injection,
                 batch_size,
                 collate_fn,
                 shared_kwarg_dict,
@@ -80,11 +107,11 @@ class DevicePool(StateFullWorkerPool[T]):
             return
         placements = [
             placement
-            for placement in place_devices(devices, probe=device_probe)
+            for placement in place_groups(devices, gpus_per_worker, probe=device_probe)
             for _ in range(workers_per_device)
         ]
         in_processes = _runs_in_processes(pool_options)
-        self.devices: list[str] = [placement.device for placement in placements]
+        self.devices: list[str] = [placement.label for placement in placements]
         per_worker = pool_options.pop("worker_kwarg_dict_arr", None) or [{}] * len(placements)
         if len(per_worker) != len(placements):
             raise ValueError(
@@ -92,7 +119,7 @@ class DevicePool(StateFullWorkerPool[T]):
                 f"workers ({workers_per_device} per device on {len(set(self.devices))} devices)"
             )
         init_kwargs = [
-            {**extra, device_kwarg: p.worker_device if in_processes else p.device}
+            injection.kwargs(extra, p.worker_devices if in_processes else p.devices)
             for p, extra in zip(placements, per_worker, strict=True)
         ]
         if _runs_in_threads(pool_options):
@@ -115,27 +142,33 @@ class DevicePool(StateFullWorkerPool[T]):
         worker_class: Callable[..., Any],
         devices: DeviceRequest,
         workers_per_device: int,
-        device_kwarg: str,
+        gpus_per_worker: int,
+        injection: _Injection,
         batch_size: int | None,
         collate_fn: Callable[[list[Any]], Any] | None,
         shared_kwarg_dict: dict[str, Any] | None,
         init_concurrency: int | None,
         pool_options: dict[str, Any],
     ) -> None:
-        """Devices of a Ray cluster: Ray picks the GPU of each actor and hides the others.
+        """Devices of a Ray cluster: Ray picks the GPUs of each actor and hides the others.
 
         ``"auto"`` means every GPU of the cluster (else CPU actors), an int N means N GPUs,
         a list means one GPU per entry other than ``"cpu"`` (a CPU worker); each GPU actor asks
-        for ``1 / workers_per_device`` GPU and gets the device Ray assigned it (``"cuda:0"``
-        where Ray hides the others). ``ray_actor_options`` (one dict, or one per worker) is
-        merged over these requests.
+        for ``1 / workers_per_device`` GPU, or ``gpus_per_worker`` GPUs (an explicit group
+        counts as that many GPUs, whichever Ray picks), and gets the devices Ray assigned it
+        (``"cuda:0"``... where Ray hides the others). ``ray_actor_options`` (one dict, or one
+        per worker) is merged over these requests.
         """
         from .backends._ray_devices import plan_ray_workers
         from .backends._ray_session import cluster_gpus
 
         with cluster_gpus(pool_options.get("ray_address")) as available:
             workers = plan_ray_workers(
-                devices, available, workers_per_device, pool_options.pop("ray_actor_options", None)
+                devices,
+                available,
+                workers_per_device,
+                pool_options.pop("ray_actor_options", None),
+                gpus_per_worker,
             )
             count = len(workers)
             self.devices = [worker.device for worker in workers]
@@ -150,7 +183,7 @@ class DevicePool(StateFullWorkerPool[T]):
                 worker_class,
                 shared_kwarg_dict,
                 [
-                    {**extra, device_kwarg: w.init_device}
+                    injection.ray_kwargs(extra, w.init_device, w.init_devices)
                     for w, extra in zip(workers, per_worker, strict=True)
                 ],
                 batch_size=batch_size,
@@ -161,6 +194,47 @@ class DevicePool(StateFullWorkerPool[T]):
                 worker_device_arr=self.devices,
                 **pool_options,
             )
+
+
+@dataclass(frozen=True)
+class _Injection:
+    """What ``DevicePool`` adds to a worker's kwargs: its device, and its group if accepted.
+
+    The group goes in only where ``__init__`` takes it (``devices_kwarg`` resolved to None
+    otherwise) and the caller did not pass that keyword already, so an ``__init__(self,
+    device, **kwargs)`` written before groups existed keeps the kwargs it was given.
+    """
+
+    device_kwarg: str
+    devices_kwarg: str | None
+    shared: Mapping[str, Any]
+
+    def kwargs(self, extra: Mapping[str, Any], devices: Sequence[str]) -> dict[str, Any]:
+        """``extra`` with ``device=devices[0]`` and, when accepted, ``devices=[...]``."""
+        return self.ray_kwargs(extra, devices[0], list(devices))
+
+    def ray_kwargs(self, extra: Mapping[str, Any], device: Any, devices: Any) -> dict[str, Any]:
+        """Like :meth:`kwargs`, with values that may be placeholders for a Ray actor to fill."""
+        kwargs = {**extra, self.device_kwarg: device}
+        name = self.devices_kwarg
+        if name is not None and name not in extra and name not in self.shared:
+            kwargs[name] = devices
+        return kwargs
+
+
+def _accepts_keyword(worker_class: Callable[..., Any], name: str | None) -> bool:
+    """Whether ``worker_class(**{name: ...})`` is allowed: a parameter ``name`` or ``**kwargs``."""
+    if name is None:
+        return False
+    try:
+        parameters = inspect.signature(worker_class).parameters.values()
+    except (TypeError, ValueError):  # a builtin or extension type without a signature
+        return False
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD or (p.name == name and p.kind in keyword)
+        for p in parameters
+    )
 
 
 def _runs_in_processes(options: dict[str, Any]) -> bool:
@@ -177,17 +251,17 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _environments(placements: Sequence[DevicePlacement]) -> list[dict[str, str]]:
+def _environments(placements: Sequence[GroupPlacement]) -> list[dict[str, str]]:
     """Each process worker's environment: its device mask, its share of cores and GPU."""
     threads = str(max(1, _usable_cores() // max(1, len(placements))))
-    on_device = Counter(placement.device for placement in placements)
+    on_device = Counter(placement.label for placement in placements)
     environments = []
     for placement in placements:
         env = dict(placement.environ)
         for name in _THREAD_VARIABLES:
             env.setdefault(name, os.environ.get(name, threads))
-        if placement.device != CPU and on_device[placement.device] > 1:
-            env[WORKERS_ON_DEVICE] = str(on_device[placement.device])  # see _gpu_memory
+        if placement.label != CPU and on_device[placement.label] > 1:
+            env[WORKERS_ON_DEVICE] = str(on_device[placement.label])  # see _gpu_memory
         environments.append(env)
     return environments
 
@@ -198,14 +272,18 @@ def _runs_in_threads(options: dict[str, Any]) -> bool:
 
 def _on_thread_devices(
     worker_class: Callable[..., Any],
-    placements: Sequence[DevicePlacement],
+    placements: Sequence[GroupPlacement],
     init_kwargs: list[dict[str, Any]],
 ) -> tuple[Callable[..., Any], list[dict[str, Any]]]:
-    """Thread workers on GPUs: build each one with its GPU as the thread's current device."""
-    if not inspect.isclass(worker_class) or all(p.device == CPU for p in placements):
+    """Thread workers on GPUs: build each one with its (first) GPU as the thread's device.
+
+    A thread cannot have a device mask of its own: a thread worker on a group gets the GPUs by
+    the names this process gives them (``devices=["cuda:2", "cuda:3"]``).
+    """
+    if not inspect.isclass(worker_class) or all(p.devices == (CPU,) for p in placements):
         return worker_class, init_kwargs
     return _OnThreadDevice, [
-        {**kwargs, "_psm_worker_class": worker_class, "_psm_device": placement.device}
+        {**kwargs, "_psm_worker_class": worker_class, "_psm_device": placement.devices[0]}
         for placement, kwargs in zip(placements, init_kwargs, strict=True)
     ]
 

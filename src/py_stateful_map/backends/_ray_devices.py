@@ -1,10 +1,12 @@
-"""The GPU of a Ray actor, which only the actor can know.
+"""The GPUs of a Ray actor, which only the actor can know.
 
-Ray picks which GPU an actor gets when it places it; the driver cannot. ``DevicePool`` therefore
-hands a GPU actor the placeholder ``RAY_GPU`` as its device, and the actor replaces it before
-building the worker, from the ids Ray assigned it (``ray.get_gpu_ids()``): ``cuda:0`` where Ray
-set ``CUDA_VISIBLE_DEVICES`` to that GPU (its default), the GPU's own index where it did not
-(``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1``).
+Ray picks which GPUs an actor gets when it places it; the driver cannot. ``DevicePool`` therefore
+hands a GPU actor placeholders: ``RAY_GPU`` as its device and ``RAY_GPUS`` as its group (the
+``devices`` kwarg). The actor replaces them before building the worker, from the ids Ray assigned
+it (``ray.get_gpu_ids()``): ``cuda:0``, ``cuda:1``... where Ray set ``CUDA_VISIBLE_DEVICES`` to
+those GPUs (its default), the GPUs' own indices where it did not
+(``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1``). An actor on a group of k GPUs asks Ray for
+``num_gpus=k``; which k, Ray decides (an explicit group such as ``[0, 1]`` counts as 2 GPUs).
 """
 
 from __future__ import annotations
@@ -15,22 +17,32 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from .._device_discovery import CPU, DeviceRequest
+from .._device_groups import explicit_groups, is_group_list, split_into_groups
 from .._worker_runtime import WorkerSpec
 
 
 @dataclasses.dataclass(frozen=True)
 class RayGpu:
-    """Stands for the CUDA device of the GPU Ray assigns the actor; replaced inside it."""
+    """Stands for the CUDA device of the (first) GPU Ray assigns the actor; replaced inside it."""
 
     def __repr__(self) -> str:
         return "RAY_GPU"
 
 
+@dataclasses.dataclass(frozen=True)
+class RayGpus:
+    """Stands for the CUDA devices of every GPU Ray assigns the actor; replaced inside it."""
+
+    def __repr__(self) -> str:
+        return "RAY_GPUS"
+
+
 RAY_GPU = RayGpu()
+RAY_GPUS = RayGpus()
 
 
-def assigned_device() -> str:
-    """``cuda:<index>`` of this actor's first GPU, as this process numbers its GPUs."""
+def assigned_devices() -> list[str]:
+    """``cuda:<index>`` of each of this actor's GPUs, as this process numbers its GPUs."""
     import ray
 
     ids = [str(gpu) for gpu in ray.get_gpu_ids()]
@@ -40,22 +52,28 @@ def assigned_device() -> str:
             "DevicePool on GPUs (use devices='cpu' for CPU workers)"
         )
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        return f"cuda:{int(ids[0])}"  # every GPU of the node is visible: Ray's id is CUDA's
+    if visible is None:  # every GPU of the node is visible: Ray's ids are CUDA's
+        return [f"cuda:{int(gpu)}" for gpu in ids]
     entries = [entry.strip() for entry in visible.split(",")]
-    return f"cuda:{entries.index(ids[0]) if ids[0] in entries else int(ids[0])}"
+    return [f"cuda:{entries.index(gpu) if gpu in entries else int(gpu)}" for gpu in ids]
 
 
 def with_assigned_devices(spec: WorkerSpec) -> WorkerSpec:
-    """The spec with each ``RAY_GPU`` placeholder among its init kwargs replaced."""
-    if not any(isinstance(value, RayGpu) for value in spec.init_kwargs.values()):
+    """The spec with each ``RAY_GPU`` / ``RAY_GPUS`` placeholder among its init kwargs replaced."""
+    placeholders = (RayGpu, RayGpus)
+    if not any(isinstance(value, placeholders) for value in spec.init_kwargs.values()):
         return spec
-    device = assigned_device()
-    kwargs: dict[str, Any] = {
-        key: device if isinstance(value, RayGpu) else value
-        for key, value in spec.init_kwargs.items()
-    }
+    devices = assigned_devices()
+    kwargs = {key: _filled(value, devices) for key, value in spec.init_kwargs.items()}
     return dataclasses.replace(spec, init_kwargs=kwargs)
+
+
+def _filled(value: Any, devices: list[str]) -> Any:
+    if isinstance(value, RayGpu):
+        return devices[0]
+    if isinstance(value, RayGpus):
+        return list(devices)
+    return value
 
 
 class RayWorker(NamedTuple):
@@ -63,6 +81,7 @@ class RayWorker(NamedTuple):
 
     device: str  # as the driver names it (in messages and ``DevicePool.devices``)
     init_device: Any  # the device kwarg: "cpu", or RAY_GPU for the actor to resolve
+    init_devices: Any  # the devices kwarg: ["cpu"], or RAY_GPUS for the actor to resolve
     env: dict[str, str]
     actor_options: dict[str, Any]
 
@@ -72,29 +91,55 @@ def plan_ray_workers(
     available_gpus: int,
     workers_per_device: int,
     actor_options: dict[str, Any] | Sequence[dict[str, Any]] | None,
+    gpus_per_worker: int = 1,
 ) -> list[RayWorker]:
-    """One ``RayWorker`` per worker: GPU actors ask Ray for a share of a GPU, CPU actors see none.
+    """One ``RayWorker`` per worker: GPU actors ask Ray for GPUs, CPU actors see none.
 
     ``actor_options`` (one dict for every worker, or one per worker) is merged over the pool's
     own. A CPU actor's ``CUDA_VISIBLE_DEVICES`` is emptied: Ray (since it stopped overriding it
     for actors that ask for no GPU) leaves every GPU of the node visible to them.
     """
-    gpus = [gpu for gpu in _gpu_flags(devices, available_gpus) for _ in range(workers_per_device)]
+    sizes = _group_sizes(devices, available_gpus, gpus_per_worker)
+    sizes = [size for size in sizes for _ in range(workers_per_device)]
     if isinstance(actor_options, dict):
-        extra: Sequence[dict[str, Any]] = [actor_options] * len(gpus)
+        extra: Sequence[dict[str, Any]] = [actor_options] * len(sizes)
     else:
-        extra = actor_options or [{}] * len(gpus)
-    if len(extra) != len(gpus):
+        extra = actor_options or [{}] * len(sizes)
+    if len(extra) != len(sizes):
         raise ValueError(
-            f"ray_actor_options has {len(extra)} dicts for {len(gpus)} workers: give one dict "
+            f"ray_actor_options has {len(extra)} dicts for {len(sizes)} workers: give one dict "
             "for all, or one per worker"
         )
     return [
-        RayWorker("cuda:0", RAY_GPU, {}, {"num_gpus": 1 / workers_per_device, **options})
-        if gpu
-        else RayWorker(CPU, CPU, {"CUDA_VISIBLE_DEVICES": ""}, dict(options))
-        for gpu, options in zip(gpus, extra, strict=True)
+        _gpu_worker(size, workers_per_device, options)
+        if size
+        else RayWorker(CPU, CPU, [CPU], {"CUDA_VISIBLE_DEVICES": ""}, dict(options))
+        for size, options in zip(sizes, extra, strict=True)
     ]
+
+
+def _gpu_worker(size: int, workers_per_device: int, options: dict[str, Any]) -> RayWorker:
+    """An actor on ``size`` GPUs, named as Ray's mask shows them to it (``cuda:0,cuda:1``)."""
+    label = ",".join(f"cuda:{ordinal}" for ordinal in range(size))
+    num_gpus = size if size > 1 else 1 / workers_per_device
+    return RayWorker(label, RAY_GPU, RAY_GPUS, {}, {"num_gpus": num_gpus, **options})
+
+
+def _group_sizes(devices: DeviceRequest, available: int, gpus_per_worker: int) -> list[int]:
+    """GPUs per worker, one entry per worker before ``workers_per_device``; 0 for a CPU worker."""
+    if is_group_list(devices):
+        groups = explicit_groups(devices, gpus_per_worker)
+        if len(groups) * len(groups[0]) > available:
+            raise ValueError(
+                f"devices={devices!r} asks for {len(groups) * len(groups[0])} GPUs but the Ray "
+                f"cluster has {available}"
+            )
+        return [len(group) for group in groups]
+    flags = _gpu_flags(devices, available)
+    if gpus_per_worker == 1 or (flags == [False] and devices == "auto"):
+        return [int(flag) for flag in flags]
+    names = [f"cuda:{ordinal}" if gpu else CPU for ordinal, gpu in enumerate(flags)]
+    return [len(group) for group in split_into_groups(names, gpus_per_worker, devices)]
 
 
 def _gpu_flags(devices: DeviceRequest, available: int) -> list[bool]:
