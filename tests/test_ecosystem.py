@@ -657,6 +657,7 @@ STAT_KEYS = {
     "recycles",
     "retries",
     "oom_backoffs",
+    "padding_efficiency",  # None unless length_fn batches by cost
 }
 
 
