@@ -193,3 +193,39 @@ def test_memory_is_bounded_on_an_endless_input() -> None:
         results.close()
     time.sleep(0.1)
     assert pulled < 2000 + 64 + 4 * 2 * 8 + 200  # the window plus what is in flight
+
+
+class PreparingModel:
+    """Tokenizes in ``prepare`` (slowly) while ``__call__`` runs: records the overlap."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.calling = False
+        self.overlaps = 0
+
+    def prepare(self, batch: list[str]) -> list[str]:
+        time.sleep(0.01)
+        with self.lock:
+            self.overlaps += self.calling
+        return batch
+
+    def __call__(self, batch: list[str]) -> list[tuple[int, int]]:
+        with self.lock:
+            self.calling = True
+        time.sleep(0.02)
+        with self.lock:
+            self.calling = False
+        return [(len(x), self.overlaps) for x in batch]
+
+
+def test_prepare_overlaps_the_model_with_length_aware_batches() -> None:
+    items = corpus(256, seed=5)
+    with StateFullWorkerPool(
+        1, PreparingModel, batch_size=8, length_fn=len, sort_window=64, backend="threads"
+    ) as pool:
+        got = list(pool.map(items))
+    assert [r.ret_val[0] for r in got] == [len(x) for x in items]
+    overlaps = max(r.ret_val[1] for r in got)
+    assert overlaps >= 10, f"prepare ran alongside the model only {overlaps} times of 32"

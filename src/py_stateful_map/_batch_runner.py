@@ -120,16 +120,25 @@ class BatchRunner:
         """The sub-batch size used next: ``batch_size`` until memory runs out."""
         return self._size
 
-    def run(self, items: Sequence[Any], first_index: int = 0) -> BatchOutcome:
+    def run(
+        self,
+        items: Sequence[Any],
+        first_index: int = 0,
+        batch_sizes: Sequence[int] | None = None,
+    ) -> BatchOutcome:
         """Run every item once; return one value or exception per item.
 
         ``first_index`` is the map position of ``items[0]``, so errors can name items.
+        ``batch_sizes`` splits the chunk into batches planned by the parent (length-aware
+        batching); each is cut further only when memory runs out.
         """
+        if batch_sizes is not None and sum(batch_sizes) != len(items):
+            batch_sizes = None  # a chunk re-split after a fault: plain working-size batches
         chunk = _Chunk(list(items), first_index)
         backoffs_before = self._backoffs
         try:
             with self._batches.chunk(chunk.items):
-                self._run_in_steps(chunk, 0, len(chunk.items))
+                self._run_planned(chunk, batch_sizes or (len(chunk.items),))
         except DevicePoisoned as poisoned:  # stop: every later call would fail the same way
             return BatchOutcome(
                 chunk.values,
@@ -140,11 +149,27 @@ class BatchRunner:
             )
         return BatchOutcome(chunk.values, chunk.errors, self._backoffs - backoffs_before)
 
-    def _run_in_steps(self, chunk: _Chunk, start: int, stop: int) -> None:
+    def _run_planned(self, chunk: _Chunk, batch_sizes: Sequence[int]) -> None:
+        """Run the chunk's planned batches in turn (one span: the whole chunk)."""
+        spans: list[tuple[int, int]] = []
+        start = 0
+        for size in batch_sizes:
+            spans.append((start, start + size))
+            start += size
+        for number, (low, high) in enumerate(spans):
+            self._run_in_steps(chunk, low, high, spans[number + 1 :])
+
+    def _run_in_steps(
+        self,
+        chunk: _Chunk,
+        start: int,
+        stop: int,
+        later: Sequence[tuple[int, int]] = (),
+    ) -> None:
         """Run items[start:stop] in sub-batches of the working size (which may shrink)."""
         while start < stop:
             end = min(start + self._size, stop)
-            self._batches.look_ahead(end, stop, self._size)
+            self._batches.look_ahead(end, stop, self._size, later)
             self._run_span(chunk, start, end)
             start = end
 

@@ -207,7 +207,8 @@ class Dispatcher:
         A chunk that cannot be pickled is split so the error lands on the item at fault.
         """
         try:
-            size = self.backend.send(slot.index, RunChunk(chunk.chunk_id, chunk.start, chunk.items))
+            task = RunChunk(chunk.chunk_id, chunk.start, chunk.batch_sizes, chunk.items)
+            size = self.backend.send(slot.index, task)
         except SerializationError as exc:
             if len(chunk.items) > 1:
                 self._retry.extendleft(reversed(chunk.split(self.new_chunk_id)))

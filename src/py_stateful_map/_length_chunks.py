@@ -69,19 +69,28 @@ class LengthChunker:
         if len(self._batcher):
             self._take(self._batcher.flush())
 
-    def next_chunk(self, new_id: Callable[[], int], run_id: int) -> Chunk | None:
-        """The next planned batch as a chunk, or None if none is planned."""
+    def next_chunk(self, new_id: Callable[[], int], run_id: int, batches: int = 1) -> Chunk | None:
+        """Up to ``batches`` planned batches as one chunk, or None if none is planned.
+
+        Several batches per chunk let a worker's ``prepare`` of the next batch overlap the
+        model on the current one (``_prefetch``); the worker runs each as planned.
+        """
         if not self._planned:
             return None
-        batch = self._planned.popleft()
-        items = [self._window_items.pop(position) for position in batch.positions]
+        taken = [self._planned.popleft() for _ in range(min(batches, len(self._planned)))]
+        positions = tuple(position for batch in taken for position in batch.positions)
+        items = [self._window_items.pop(position) for position in positions]
         return Chunk(
             new_id(),
             run_id,
-            batch.positions[0],
+            positions[0],
             items,
-            positions=batch.positions,
-            cost=(batch.real_cost, batch.padded_cost),
+            positions=positions,
+            cost=(
+                sum(batch.real_cost for batch in taken),
+                sum(batch.padded_cost for batch in taken),
+            ),
+            batch_sizes=tuple(len(batch) for batch in taken),
         )
 
     def shrink_budget(self) -> None:

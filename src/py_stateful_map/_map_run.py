@@ -51,9 +51,11 @@ class MapRun:
         sizer: ChunkSizer,
         read_input_in_thread: bool = True,
         length_batching: LengthBatching | None = None,
+        batches_per_chunk: int = 1,
     ) -> None:
         self._dispatcher = dispatcher
         self._chunker = None if length_batching is None else LengthChunker(length_batching)
+        self._batches_per_chunk = batches_per_chunk
         self._reader = reader_for(
             source, sizer.window_items, dispatcher.backend.wake, threaded=read_input_in_thread
         )
@@ -183,10 +185,11 @@ class MapRun:
             slot = dispatcher.free_slot()
             if slot is None:
                 return
-            chunk = chunker.next_chunk(dispatcher.new_chunk_id, dispatcher.run_id)
+            batches = self._batches_per_chunk
+            chunk = chunker.next_chunk(dispatcher.new_chunk_id, dispatcher.run_id, batches)
             if chunk is None:
                 self._read_into_window(chunker)
-                chunk = chunker.next_chunk(dispatcher.new_chunk_id, dispatcher.run_id)
+                chunk = chunker.next_chunk(dispatcher.new_chunk_id, dispatcher.run_id, batches)
             if chunk is None:
                 return
             dispatcher.submit(slot, chunk)

@@ -98,7 +98,7 @@ class BatchPreparer:
         self._depth = check_prefetch(prefetch) if prepare is not None else 0
         self._items: Sequence[Any] = ()
         self._ahead: dict[Span, Future[Any]] = {}
-        self._plan: tuple[int, int, int] | None = None
+        self._plan: list[Span] | None = None
         self._executor: ThreadPoolExecutor | None = None
 
     @property
@@ -122,14 +122,22 @@ class BatchPreparer:
                 self._executor.shutdown(wait=True, cancel_futures=True)
                 self._executor = None
 
-    def look_ahead(self, stop: int, end: int, size: int) -> None:
-        """The spans after the one about to run: ``[stop, stop+size)``, ... up to ``end``.
+    def look_ahead(self, stop: int, end: int, size: int, later: Sequence[Span] = ()) -> None:
+        """The spans after the one about to run: ``[stop, stop+size)``, ... up to ``end``,
+        then the ``later`` spans (the next planned batches of the chunk), each cut at ``size``.
 
         They are handed to the thread when the current span's batch has been taken, so
         ``prepare`` of the next batch runs while ``__call__`` runs on this one.
         """
-        if self._depth:
-            self._plan = (stop, end, size)
+        if not self._depth:
+            return
+        plan: list[Span] = []
+        for first, high in [(stop, end), *later]:
+            low = first
+            while low < high and len(plan) < self._depth:
+                plan.append((low, min(low + size, high)))
+                low = plan[-1][1]
+        self._plan = plan
 
     def take(self, start: int, stop: int) -> Any:
         """The batch for items ``start..stop-1``: prepared ahead if it was, else here.
@@ -155,14 +163,11 @@ class BatchPreparer:
 
     def _submit_plan(self) -> None:
         plan, self._plan = self._plan, None
-        if plan is None:
-            return
-        start, end, size = plan
-        while start < end and len(self._ahead) < self._depth:
-            span = (start, min(start + size, end))
+        for span in plan or ():
+            if len(self._ahead) >= self._depth:
+                return
             if span not in self._ahead:
                 self._ahead[span] = self._thread().submit(self._build, *span)
-            start = span[1]
 
     def _thread(self) -> ThreadPoolExecutor:
         if self._executor is None:

@@ -23,10 +23,14 @@ EXIT_POISONED = 75
 
 @dataclass(frozen=True, slots=True)
 class RunChunk:
-    """Run consecutive input items ``start .. start+len(payload)-1``; payload is their list."""
+    """Run consecutive input items ``start .. start+len(payload)-1``; payload is their list.
+
+    ``batch_sizes``: batches planned by the parent (length-aware batching), in order.
+    """
 
     chunk_id: int
     start: int
+    batch_sizes: tuple[int, ...] | None = None
     payload: Any = None
 
 

@@ -47,7 +47,8 @@ class Chunk:
     attempts: int = 0  # deaths of a worker while running this chunk *alone*
     alone: bool = False  # must run on a worker holding nothing else (blame must be certain)
     positions: tuple[int, ...] | None = None
-    cost: tuple[float, float] | None = None  # (real, padded) cost of a planned batch
+    cost: tuple[float, float] | None = None  # (real, padded) cost of its planned batches
+    batch_sizes: tuple[int, ...] | None = None  # planned batches, in order (length-aware)
 
     @property
     def where(self) -> range | tuple[int, ...]:

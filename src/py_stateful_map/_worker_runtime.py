@@ -141,8 +141,9 @@ def run_items(
 #: One chunk's values, per-item errors, OOM back-offs, and where a poisoned device stopped
 #: it (the offset of the first item not run, and how many from there ran into the error).
 _Outcome = tuple[list[Any], list[ItemError] | None, int, int | None, int]
-#: Runs a chunk's items; the int is the map position of the first one (for messages).
-_Runner = Callable[[list[Any], int], _Outcome]
+#: Runs a chunk's items; the int is the map position of the first one (for messages), the
+#: tuple the sizes of the batches the parent planned (or None).
+_Runner = Callable[[list[Any], int, "tuple[int, ...] | None"], _Outcome]
 
 
 class WorkerRuntime:
@@ -185,7 +186,9 @@ class WorkerRuntime:
             call = _item_caller(state, spec.argument_passing)
             propagates = self._propagates
 
-            def run_unbatched(items: list[Any], first_index: int) -> _Outcome:
+            def run_unbatched(
+                items: list[Any], first_index: int, _: tuple[int, ...] | None
+            ) -> _Outcome:
                 values, errors, unrun_from = run_items(call, items, propagates, first_index)
                 return values, errors, 0, unrun_from, 0
 
@@ -202,8 +205,10 @@ class WorkerRuntime:
             prefetch=spec.prefetch,
         )
 
-        def run_batched(items: list[Any], first_index: int) -> _Outcome:
-            outcome = runner.run(items, first_index)
+        def run_batched(
+            items: list[Any], first_index: int, batch_sizes: tuple[int, ...] | None
+        ) -> _Outcome:
+            outcome = runner.run(items, first_index, batch_sizes)
             errors: list[ItemError] | None = [
                 (offset, *report_error(exc)) for offset, exc in sorted(outcome.errors.items())
             ] or None
@@ -221,7 +226,9 @@ class WorkerRuntime:
         """Run one chunk whose items are already unpickled."""
         assert self._run is not None, "start() must succeed before chunks are run"
         started = time.perf_counter()
-        values, errors, backoffs, unrun_from, suspects = self._run(items, task.start)
+        values, errors, backoffs, unrun_from, suspects = self._run(
+            items, task.start, task.batch_sizes
+        )
         if unrun_from is not None:
             self.poisoned = True
         if self._retained:

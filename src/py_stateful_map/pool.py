@@ -148,10 +148,10 @@ class StateFullWorkerPool(Generic[T]):
         # A batch is one call, so it is the unit a task_timeout can time; otherwise time items.
         self._chunk_size = batch_size or (1 if task_timeout is not None else chunk_size)
         prefetch = check_prefetch(prefetch)
+        self._batches_per_chunk = 1
         if batch_size is not None:  # several batches, so prepare(next) overlaps __call__
-            self._chunk_size = batch_size * chunk_batches(
-                worker_class_or_func, prefetch, task_timeout
-            )
+            self._batches_per_chunk = chunk_batches(worker_class_or_func, prefetch, task_timeout)
+            self._chunk_size = batch_size * self._batches_per_chunk
         self.start_method = start_method or default_start_method()
         specs = [
             WorkerSpec(
@@ -274,6 +274,7 @@ class StateFullWorkerPool(Generic[T]):
             sizer=ChunkSizer(self._slot_count, self._chunk_size, self._backend.chunk_policy),
             read_input_in_thread=self._read_input_in_thread,
             length_batching=self._length_batching,
+            batches_per_chunk=self._batches_per_chunk,
         )
         decorate = None
         if self._progress is not None or self._on_result is not None:
