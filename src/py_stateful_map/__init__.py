@@ -34,12 +34,18 @@ _EXPORTS = {
     "PoolBrokenError": "errors",
     "PoolBusyError": "errors",
     "RemoteTraceback": "errors",
+    "CheckpointError": "errors",
+    "CheckpointMismatchError": "errors",
+    "Checkpoint": "checkpoint",
     "DevicePool": "device_pool",
     "resolve_devices": "_device_discovery",
 }
 
 __all__ = [
     "ArgumentPassing",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointMismatchError",
     "DevicePool",
     "ExceptionBehavior",
     "PoolBrokenError",
@@ -58,8 +64,11 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ._device_discovery import resolve_devices
+    from .checkpoint import Checkpoint
     from .device_pool import DevicePool
     from .errors import (
+        CheckpointError,
+        CheckpointMismatchError,
         PoolBrokenError,
         PoolBusyError,
         PoolError,

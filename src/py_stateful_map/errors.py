@@ -9,7 +9,12 @@
     ├── TaskTimeoutError            an item ran past ``task_timeout``; also a ``TimeoutError``
     ├── SerializationError          an input, result or exception could not be pickled or unpickled
     ├── PoolBrokenError             the pool gave up (restart cap reached) or was used after close
-    └── PoolBusyError               ``map()`` called while another map on the pool is unfinished
+    ├── PoolBusyError               ``map()`` called while another map on the pool is unfinished
+    ├── CheckpointError             a checkpoint cannot be used: not a checkpoint, damaged, in use
+    │   │                           by another run, or its directory is missing or read-only
+    │   └── CheckpointMismatchError the input or the job differs from what the checkpoint recorded
+    └── CheckpointedError           an item's failure replayed from a checkpoint whose exception
+                                    could not be rebuilt (carries the stored traceback text)
 
 User exceptions raised inside a worker are re-raised with their own type and args; the text of
 the worker-side traceback is attached as ``__cause__`` (a ``RemoteTraceback``), the way
@@ -71,6 +76,48 @@ class PoolBrokenError(PoolError):
 
 class PoolBusyError(PoolError, RuntimeError):
     """A second ``map()`` was started before the first was consumed or closed."""
+
+
+class CheckpointError(PoolError):
+    """A checkpoint cannot be used; the message names the file and what to do."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The input or the job differs from what the checkpoint recorded.
+
+    ``differences`` names each differing manifest field (worker class, init kwargs, run_id,
+    library version); ``position`` and ``key`` name a changed input item.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        path: str | None = None,
+        *,
+        differences: tuple[str, ...] = (),
+        position: int | None = None,
+        key: object = None,
+    ) -> None:
+        super().__init__(message, path)
+        self.differences = differences
+        self.position = position
+        self.key = key
+
+
+class CheckpointedError(PoolError):
+    """An item that failed in an earlier run, replayed from its checkpoint.
+
+    Used only when the original exception cannot be rebuilt (its class is gone or cannot be
+    unpickled); otherwise the original type comes back. ``tb_text`` is the stored traceback.
+    """
+
+    def __init__(self, message: str, tb_text: str = "") -> None:
+        super().__init__(message)
+        self.tb_text = tb_text
 
 
 class RemoteTraceback(Exception):
