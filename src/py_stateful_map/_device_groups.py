@@ -115,7 +115,8 @@ def explicit_groups(devices: object, gpus_per_worker: int = 1) -> list[tuple[str
     Every entry must be a group, all of one size (``gpus_per_worker`` if it is not 1), of GPUs
     only, and no GPU may be in two groups. Whether the GPUs exist is not checked here.
     """
-    assert isinstance(devices, Sequence)
+    if not isinstance(devices, Sequence):
+        raise TypeError(f"devices must be a list of groups here, not {devices!r}")
     groups: list[tuple[str, ...]] = []
     for entry in devices:
         if not _is_group(entry):

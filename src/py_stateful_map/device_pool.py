@@ -56,9 +56,9 @@ class DevicePool(StateFullWorkerPool[T]):
     ``stats()``, logs and errors name a worker's GPUs as this process does (``"cuda:2,cuda:3"``).
     ``"auto"`` without a GPU is one CPU worker, whatever ``gpus_per_worker`` says.
 
-    With ``batch_size`` the worker's ``__call__``
-    receives a list of items (or ``collate_fn(list)``) and returns one result per item; on
-    CUDA out-of-memory the batch is halved and retried (see ``stats()`` for back-offs).
+    With ``batch_size`` the worker's ``__call__`` receives a list of items (or
+    ``collate_fn(list)``) and returns one result per item; on CUDA out-of-memory the batch is
+    halved and retried (see ``stats()`` for back-offs).
     ``init_concurrency`` caps how many workers build their model at once (host RAM).
     ``device_probe`` replaces GPU discovery (tests, exotic drivers). ``worker_kwarg_dict_arr``
     (one dict per worker, e.g. a rank) is merged with the injected device. Any other keyword is a
