@@ -632,3 +632,27 @@ def test_to_parquet_writes_embeddings_as_fixed_size_lists(tmp_path: Path) -> Non
     assert table.column("key").to_pylist() == list(range(20))
     assert np.array_equal(np.stack(table.column("value").to_numpy(zero_copy_only=False)), matrix)
     assert table.schema.field("value").metadata == {b"shape": b"[8]"}
+
+
+def test_to_parquet_writes_plain_values_and_empty_checkpoints(tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "c.sqlite"
+    write(path, ["a", "bb", None, "dddd"])
+    assert Checkpoint(path).to_parquet(tmp_path / "s.parquet") == 4
+    assert pq.read_table(tmp_path / "s.parquet").to_pydict() == {
+        "key": [0, 1, 2, 3],
+        "value": ["a", "bb", None, "dddd"],
+    }
+    open_run(tmp_path / "empty.sqlite").close()
+    assert Checkpoint(tmp_path / "empty.sqlite").to_parquet(tmp_path / "e.parquet") == 0
+    assert pq.read_table(tmp_path / "e.parquet").num_rows == 0
+
+
+def test_to_parquet_without_pyarrow_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c.sqlite"
+    write(path, [1])
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError
+    with pytest.raises(ImportError, match=r"py_stateful_map\[parquet\]"):
+        Checkpoint(path).to_parquet(tmp_path / "out.parquet")
