@@ -12,10 +12,10 @@ Rows:
 - write, position keys: ``--write`` tiny results (``int`` in, ``int`` out), chunks of 1024
   flushed one by one (the most commits a map makes), and chunks of 64 flushed 16 at a time;
 - write, ``key=callable``: one row per item (keys are not contiguous);
-- write, 384-float32 embeddings (numpy), the embedding workload's values;
 - resume, position keys: plan() over a finished ``--resume``-item store (target
-  >= 300,000 results/s, parent RSS growth <= 50 MB);
-- read back: ``Checkpoint.results()`` over the same store.
+  >= 300,000 results/s, parent RSS growth <= 50 MB); and over the ``key=callable`` store;
+- read back: ``Checkpoint.results()`` over the same store;
+- write and resume 384-float32 embeddings (numpy), the embedding workload's values.
 
 Each timing is the best of ``--repeat``; RSS growth is the peak over the run of
 ``/proc/self/statm`` minus its value before it (Linux).
@@ -63,7 +63,7 @@ def write(
         positions = range(first, min(first + chunk, items))
         completions.append((positions, list(positions), [value(i) for i in positions]))
     started = time.perf_counter()
-    with checkpoint.open_run(worker=value, length=items) as run:
+    with checkpoint.open_run(worker=square, length=items) as run:
         for number, (positions, inputs, values) in enumerate(completions, 1):
             run.record(positions, inputs, values)
             if number % per_flush == 0:
@@ -108,6 +108,54 @@ def best(run: Callable[[], float], repeat: int) -> float:
     return min(run() for _ in range(repeat))
 
 
+def rate(label: str, items: int, seconds: float, detail: str = "") -> tuple[str, str, str]:
+    detail = detail or f"{seconds * 1e6 / items:.2f} µs/item"
+    return label, f"{items / seconds:,.0f} results/s", detail
+
+
+def measure_ints(directory: str, n: int, m: int, window: int, repeat: int) -> list[Any]:
+    rows = []
+    for chunk, per_flush in ((1024, 1), (64, 16)):
+        seconds = best(
+            lambda c=chunk, f=per_flush: write(fresh(directory, "w.db"), n, c, f, square), repeat
+        )
+        label = f"write {n:,} ints, chunks of {chunk}, flush every {per_flush * chunk}"
+        rows.append(rate(label, n, seconds))
+    keyed = fresh(directory, "k.db", key=str)
+    seconds = best(lambda: write(fresh(directory, "k.db", key=str), n, 1024, 1, square), repeat)
+    rows.append(rate(f"write {n:,} ints, key=str (a row per item)", n, seconds))
+    seconds, growth = resume(keyed, n, window)
+    rows.append(rate(f"resume {n:,} items, key=str", n, seconds))
+    store = fresh(directory, "r.db")
+    write(store, m, 4096, 4, square)
+    seconds, growth = resume(store, m, window)
+    label = f"**resume {m:,} finished items**, windows of {window} (target >= 300,000/s)"
+    rows.append(rate(label, m, seconds, f"RSS growth {growth / 2**20:.1f} MB (target <= 50)"))
+    seconds, growth = read_back(store, m)
+    label = f"Checkpoint.results() over {m:,} items"
+    rows.append(rate(label, m, seconds, f"RSS growth {growth / 2**20:.1f} MB"))
+    return rows
+
+
+def measure_embeddings(directory: str, e: int, window: int, repeat: int) -> list[Any]:
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    matrix = np.random.default_rng(0).standard_normal((1024, 384)).astype(np.float32)
+    store = fresh(directory, "e.db")
+    seconds = best(  # a row of the matrix: a new array object each time, as from a worker
+        lambda: write(fresh(directory, "e.db"), e, 256, 1, lambda i: matrix[i % 1024]), repeat
+    )
+    size = (Path(directory) / "e.db").stat().st_size
+    label = f"write {e:,} float32[384] embeddings, chunks of 256"
+    rows = [rate(label, e, seconds, f"{size / e:,.0f} bytes/item on disk (raw: 1,536)")]
+    seconds, growth = resume(store, e, window)
+    label = f"resume {e:,} embeddings"
+    rows.append(rate(label, e, seconds, f"RSS growth {growth / 2**20:.1f} MB"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", type=int, default=200_000)
@@ -117,71 +165,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where the files go (default: a temp dir)")
     args = parser.parse_args()
-    rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
-        n = args.write
-        for chunk, per_flush in ((1024, 1), (64, 16)):
-            seconds = best(
-                lambda c=chunk, f=per_flush: write(fresh(directory, "w.db"), n, c, f, square),
-                args.repeat,
-            )
-            label = f"write {n:,} ints, chunks of {chunk}, flush every {per_flush * chunk}"
-            rows.append(
-                (label, f"{n / seconds:,.0f} results/s", f"{seconds * 1e6 / n:.2f} µs/item")
-            )
-        seconds = best(
-            lambda: write(fresh(directory, "k.db", key=str), n, 1024, 1, square), args.repeat
-        )
-        rows.append(
-            (
-                f"write {n:,} ints, key=str (a row per item)",
-                f"{n / seconds:,.0f} results/s",
-                f"{seconds * 1e6 / n:.2f} µs/item",
-            )
-        )
-        try:
-            import numpy as np
-
-            matrix = np.random.default_rng(0).standard_normal((1024, 384)).astype(np.float32)
-            e = args.embeddings
-            seconds = best(  # a row of the matrix: a new array object each time, as from a worker
-                lambda: write(fresh(directory, "e.db"), e, 256, 1, lambda i: matrix[i % 1024]),
-                args.repeat,
-            )
-            size = (Path(directory) / "e.db").stat().st_size
-            rows.append(
-                (
-                    f"write {e:,} float32[384] embeddings, chunks of 256",
-                    f"{e / seconds:,.0f} results/s",
-                    f"{size / e:,.0f} bytes/item on disk (raw: 1,536)",
-                )
-            )
-        except ImportError:
-            pass
-
-        m = args.resume
-        store = fresh(directory, "r.db")
-        write(store, m, 4096, 4, square)
-        seconds, growth = resume(store, m, args.window)
-        rows.append(
-            (
-                f"resume {m:,} finished items, windows of {args.window} (target >= 300,000/s)",
-                f"{m / seconds:,.0f} results/s",
-                f"RSS growth {growth / 2**20:.1f} MB (target <= 50)",
-            )
-        )
-        seconds, growth = read_back(store, m)
-        rows.append(
-            (
-                f"Checkpoint.results() over {m:,} items",
-                f"{m / seconds:,.0f} results/s",
-                f"RSS growth {growth / 2**20:.1f} MB",
-            )
-        )
+        rows = measure_ints(directory, args.write, args.resume, args.window, args.repeat)
+        rows += measure_embeddings(directory, args.embeddings, args.window, args.repeat)
     print("| store operation | rate | detail |")
     print("|---|---:|---|")
-    for label, rate, detail in rows:
-        print(f"| {label} | {rate} | {detail} |")
+    for label, speed, detail in rows:
+        print(f"| {label} | {speed} | {detail} |")
 
 
 if __name__ == "__main__":

@@ -656,3 +656,17 @@ def test_to_parquet_without_pyarrow_says_what_to_install(
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError
     with pytest.raises(ImportError, match=r"py_stateful_map\[parquet\]"):
         Checkpoint(path).to_parquet(tmp_path / "out.parquet")
+
+
+def test_recording_a_stored_position_again_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    write(path, [0, 1, 2, 3, 4, 5])  # rows of items 0-5
+    with open_run(path) as run:
+        run.record(range(4, 8), [4, 5, 6, 7], [0] * 4)  # 4 and 5 were stored: a loop bug
+        with pytest.raises(ValueError, match="overlap items 0 to 5, finished earlier"):
+            run.flush()
+        run.record(range(8, 10), [8, 9], [0, 0])
+        run.record(range(9, 11), [9, 10], [0, 0])
+        with pytest.raises(ValueError, match="position 9 was recorded twice"):
+            run.flush()
+    assert list(Checkpoint(path).results()) == [(i, i) for i in range(6)]  # unchanged

@@ -94,20 +94,25 @@ class _Row:
 
     def values(self, path: str) -> list[Any]:
         if self._values is None:
-            try:
-                self._values = decode_values(self._blob)
-            except Exception as exc:  # damaged bytes, or a class that is gone
-                last = f" to {self.key + self.n - 1}" if self.n > 1 else ""
-                raise CheckpointError(
-                    f"cannot read the stored result of item {self.key!r}{last} in "
-                    f"{describe(path)}: {type(exc).__name__}: {exc}",
-                    path,
-                ) from exc
+            self._values = read_values(path, self.key, self.n, self._blob)
             self._blob = None
         return self._values
 
     def error_at(self) -> ItemError:
         return (0, decode_error(self._blob, self.error or ""), self.error or "")
+
+
+def read_values(path: str, key: Any, n: int, blob: bytes) -> list[Any]:
+    """The values of a stored row, or an error naming its items and the file."""
+    try:
+        return decode_values(blob)
+    except Exception as exc:  # damaged bytes, or the class of a value is gone
+        last = f" to {key + n - 1}" if n > 1 else ""
+        raise CheckpointError(
+            f"cannot read the stored result of item {key!r}{last} in {describe(path)}: "
+            f"{type(exc).__name__}: {exc}",
+            path,
+        ) from exc
 
 
 class CheckpointRun:
@@ -206,14 +211,18 @@ class CheckpointRun:
         return decoded
 
     def _plan_keys(self, builder: _SpanBuilder) -> None:
-        keys = self._keys(builder.items)
+        items = builder.items
+        keys = self._keys(items)
         rows = self._rows_for(keys)
+        prints = fingerprints(items) if rows and self._verify else b""  # one pass for all
+        size = FINGERPRINT_SIZE
         for offset, key in enumerate(keys):
             row = rows.get(key)
             if row is None or (row.failed and self._retry_failed):
                 continue
             position = builder.start + offset
-            self._check_inputs(row, position, builder.items[offset : offset + 1], key=key)
+            got = prints[offset * size : (offset + 1) * size]
+            self._check_inputs(row, position, items[offset : offset + 1], key=key, got=got)
             if row.failed:
                 builder.stored(position, [None], [row.error_at()])
             else:
@@ -232,12 +241,15 @@ class CheckpointRun:
                 found[row[0]] = _Row(row)
         return found
 
-    def _check_inputs(self, row: _Row, position: int, items: list[Any], key: Any = None) -> None:
+    def _check_inputs(
+        self, row: _Row, position: int, items: list[Any], key: Any = None, got: bytes = b""
+    ) -> None:
+        """Raise if ``items`` (from ``position`` on, in ``row``) are not the ones it stored."""
         if not self._verify or row.inputs is None:
             return
         offset = (position - row.key) * FINGERPRINT_SIZE if self._key is None else 0
         expected = row.inputs[offset : offset + len(items) * FINGERPRINT_SIZE]
-        got = fingerprints(items)
+        got = got or fingerprints(items)
         if got == expected:
             return
         bad = next(
@@ -304,22 +316,56 @@ class CheckpointRun:
         if not self._buffer:
             return
         buffer, self._buffer, self._buffered = self._buffer, [], 0
-        rows, interiors = self._rows_of(buffer)
+        rows = self._rows_of(buffer)
+        if not rows:
+            return
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
-            if interiors:  # rows of an earlier run inside a new segment: retried failures
-                conn.executemany("DELETE FROM results WHERE key > ? AND key < ?", interiors)
+            if self._key is None and rows[0][0] < self.stored_end:  # sorted: any below the end?
+                for row in rows:
+                    if row[0] < self.stored_end:
+                        self._make_room(row[0], row[0] + row[1])
             conn.executemany(_INSERT, rows)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            raise damaged(self.path, exc) from exc
+        finally:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            raise damaged(self.path, exc) from exc
         self.recorded += sum(row[1] for row in rows)
         self._wal.wrote(sum(len(row[4] or b"") + len(row[3] or b"") for row in rows))
 
-    def _rows_of(self, buffer: list[Any]) -> tuple[list[tuple[Any, ...]], list[tuple[int, int]]]:
+    def _make_room(self, start: int, stop: int) -> None:
+        """Remove the failed rows a retry replaces; refuse to overlap a finished item.
+
+        Below ``stored_end`` only retried failures are recorded; anything else is a position
+        recorded twice (or one ``plan`` returned as stored), which would leave two rows
+        claiming one item.
+        """
+        conn = self._conn
+        before = conn.execute(
+            "SELECT key, n FROM results WHERE key < ? ORDER BY key DESC LIMIT 1", (start,)
+        ).fetchone()
+        clash = before if before is not None and before[0] + before[1] > start else None
+        clash = (
+            clash
+            or conn.execute(
+                "SELECT key, n FROM results WHERE key >= ? AND key < ? AND status = 'done' LIMIT 1",
+                (start, stop),
+            ).fetchone()
+        )
+        if clash is not None:
+            raise ValueError(
+                f"items {start} to {stop - 1} overlap items {clash[0]} to "
+                f"{clash[0] + clash[1] - 1}, finished earlier: record() each position once, "
+                "never one that plan() returned as stored"
+            )
+        conn.execute("DELETE FROM results WHERE key >= ? AND key < ?", (start, stop))
+
+    def _rows_of(self, buffer: list[Any]) -> list[tuple[Any, ...]]:
+        """Rows to insert: merged segments of successes and single failures (position keys:
+        sorted), or a row per item (custom keys)."""
         done: list[tuple[int, list[Any], list[Any]]] = []  # (first position, items, values)
         rows: list[tuple[Any, ...]] = []
         for positions, items, values, failed in buffer:
@@ -334,8 +380,7 @@ class CheckpointRun:
             for offset, key in enumerate(self._keys(items)):
                 inputs = None if prints is None else prints[offset * size : (offset + 1) * size]
                 rows.append((key, 1, "done", inputs, self._encode([values[offset]], key), None))
-            return rows, []
-        interiors = []
+            return rows
         for start, run_items, run_values in _merged(done):
             rows.append(
                 (
@@ -347,9 +392,8 @@ class CheckpointRun:
                     None,
                 )
             )
-            if len(run_items) > 1 and start + 1 < self.stored_end:
-                interiors.append((start, start + len(run_items)))
-        return rows, interiors
+        rows.sort(key=lambda row: row[0])
+        return rows
 
     def _failed_row(
         self, position: int, item: Any, exc: BaseException, text: str
@@ -467,6 +511,8 @@ def _merged(
     runs.sort(key=lambda run: run[0])
     joined: list[tuple[int, list[Any], list[Any]]] = []
     for start, items, values in runs:
+        if joined and joined[-1][0] + len(joined[-1][1]) > start:
+            raise ValueError(f"position {start} was recorded twice in one run")
         if joined and joined[-1][0] + len(joined[-1][1]) == start:
             joined[-1][1].extend(items)
             joined[-1][2].extend(values)

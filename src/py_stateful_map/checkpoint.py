@@ -13,6 +13,7 @@ by the parent process alone, so the worker count, devices and backend may change
 [(0, 0), (1, 1), (2, 4)]
 >>> Checkpoint(path).status()
 CheckpointStatus(done=3, failed=0, pending=None)
+>>> import shutil; shutil.rmtree(os.path.dirname(path))
 
 What makes a resume safe:
 
@@ -56,7 +57,7 @@ from ._checkpoint_file import (
     timestamp,
     write_manifest,
 )
-from ._checkpoint_run import CheckpointRun, Stored, ToRun, _Row
+from ._checkpoint_run import CheckpointRun, Stored, ToRun, read_values
 from .errors import CheckpointError, CheckpointMismatchError
 
 __all__ = [
@@ -252,7 +253,7 @@ class Checkpoint:
     ) -> Iterator[tuple[Any, Any]]:
         try:
             for key, n, blob in rows:
-                values = _Row((key, n, "done", None, blob, None)).values(str(self.path))
+                values = read_values(str(self.path), key, n, blob)
                 if custom:
                     yield key, values[0]
                 else:
