@@ -47,12 +47,11 @@ APPLICATION_ID = 0x50534D43  # "PSMC"
 PAGE_SIZE = 16384
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _TABLES = {"manifest", "results"}
-#: Files up to this size get a full ``PRAGMA quick_check`` on open (~1 s); larger ones are
-#: checked by reading their first and last rows, and any damage found later still fails the
-#: run with the file named (a full check of a 20 GB embedding store would take minutes).
+#: Files up to this size get a full ``PRAGMA quick_check`` on open (0.04 s for 236 MB from
+#: the page cache, ~0.5 s from disk); larger ones are checked by reading their first and last
+#: rows, and damage found later still fails the run with the file and items named (a full
+#: check of a 20 GB embedding store would take minutes).
 QUICK_CHECK_LIMIT = 256 * 1024 * 1024
-#: Manifest fields a resumed run must match, with the words a mismatch message uses.
-COMPARED = {"worker": "worker", "init_kwargs": "init kwargs", "run_id": "run_id"}
 
 
 def describe(path: str) -> str:
@@ -225,7 +224,9 @@ def _check_header(path: str) -> None:
             path,
         )
     if header and len(header) < 100:
-        raise CheckpointError(f"{describe(path)} is damaged: truncated to {len(header)} bytes")
+        raise CheckpointError(
+            f"{describe(path)} is damaged: truncated to {len(header)} bytes", path
+        )
 
 
 def _prepare(conn: sqlite3.Connection, path: str, *, readonly: bool) -> bool:
