@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from itertools import chain, repeat
-from typing import Any, Generic
+from typing import Any, Generic, TypeVar
 
 from ._chunking import ChunkSizer
 from ._dispatcher import Dispatcher, closed_message
@@ -31,7 +31,7 @@ from ._length_chunks import LengthChunker
 from ._protocol import ItemError
 from ._slots import Chunk, Completion
 from .errors import PoolBrokenError, PoolBusyError, RemoteTraceback
-from .results import ExceptionBehavior, T, WorkerResultWrapper
+from .results import ExceptionBehavior, WorkerResultWrapper
 
 #: (input positions, values, errors) of completed items ready for the caller.
 Outcomes = tuple[range | tuple[int, ...], list[Any], list[ItemError] | None]
@@ -334,36 +334,37 @@ def _wrap(
     )
 
 
-class MapResult(Generic[T]):
-    """The lazy result of ``map()``: iterate it, ``len()`` it (sized input), or ``close()`` it.
+#: What a ``MapResult`` yields: ``WorkerResultWrapper``s (``map``) or bare values (``imap``).
+Y = TypeVar("Y")
+
+
+class MapResult(Generic[Y]):
+    """The lazy result of ``map()`` or ``imap()``: iterate it, ``len()`` it, or ``close()`` it.
 
     ``bool()`` is always True — it must never fall back to ``len()``, which raises for unsized
     input. Iterating returns a C-level flattening iterator over per-chunk batches, so a ``for``
-    loop pays no Python-level wrapper cost per item.
+    loop pays no Python-level cost per item.
     """
 
     def __init__(
         self,
-        batches: Generator[Iterable[Any], None, None],
+        batches: Generator[Iterable[Y], None, None],
         length: int | None,
-        decorate: Callable[
-            [Iterator[WorkerResultWrapper[T]], int | None], Iterator[WorkerResultWrapper[T]]
-        ]
-        | None = None,
+        decorate: Callable[[Iterator[Y], int | None], Iterator[Y]] | None = None,
         *,
         owner: object = None,
     ) -> None:
         self._owner = owner  # the pool: alive while its map is, even if the caller dropped it
         self._batches = batches
-        self._items: Iterator[WorkerResultWrapper[T]] = chain.from_iterable(batches)
+        self._items: Iterator[Y] = chain.from_iterable(batches)
         if decorate is not None:
             self._items = decorate(self._items, length)
         self._length = length
 
-    def __iter__(self) -> Iterator[WorkerResultWrapper[T]]:
+    def __iter__(self) -> Iterator[Y]:
         return self._items
 
-    def __next__(self) -> WorkerResultWrapper[T]:
+    def __next__(self) -> Y:
         return next(self._items)
 
     def __len__(self) -> int:
@@ -381,7 +382,7 @@ class MapResult(Generic[T]):
             close()  # e.g. a progress bar's own generator: let it close the bar
         self._batches.close()
 
-    def __enter__(self) -> MapResult[T]:
+    def __enter__(self) -> MapResult[Y]:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

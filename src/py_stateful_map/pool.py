@@ -221,7 +221,9 @@ class StateFullWorkerPool(Generic[T]):
         """How many workers run (1 for ``num_workers=0``, which runs one inline)."""
         return self._slot_count
 
-    def map(self, input_iterable: Iterable[Any], is_unordered: bool = False) -> MapResult[T]:
+    def map(
+        self, input_iterable: Iterable[Any], is_unordered: bool = False
+    ) -> MapResult[WorkerResultWrapper[T]]:
         """Stream ``input_iterable`` through the workers; lazily, with bounded read-ahead.
 
         Yields one ``WorkerResultWrapper`` per item, in input order unless ``is_unordered``.
