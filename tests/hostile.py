@@ -261,3 +261,25 @@ class WithGrandchild:
             with multiprocessing.get_context("spawn").Pool(2) as pool:
                 return sum(pool.map(abs, [-1, -2, -3]))
         return x
+
+
+class Logged:
+    """Appends each item it runs to ``log`` (one line per run), returns ``x * scale``."""
+
+    def __init__(self, log: str, scale: int = 1) -> None:
+        self.log, self.scale = log, scale
+
+    def __call__(self, x: int) -> int:
+        with open(self.log, "a") as f:
+            f.write(f"{x}\n")
+        if x == 13:
+            raise ValueError("thirteen")
+        time.sleep(0.002)
+        return x * self.scale
+
+
+def runs_logged(log: str) -> list[int]:
+    from pathlib import Path
+
+    path = Path(log)
+    return [int(line) for line in path.read_text().split()] if path.exists() else []

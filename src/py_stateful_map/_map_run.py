@@ -23,18 +23,20 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from itertools import chain, repeat
 from typing import Any, Generic, TypeVar
 
+from ._checkpoint_run import CheckpointRun
 from ._chunking import ChunkSizer
 from ._dispatcher import Dispatcher, closed_message
 from ._input import reader_for
+from ._intake import Intake
 from ._length_batching import LengthBatching
 from ._length_chunks import LengthChunker
 from ._protocol import ItemError
 from ._slots import Chunk, Completion
 from .errors import PoolBrokenError, PoolBusyError, RemoteTraceback
-from .results import ExceptionBehavior, WorkerResultWrapper
+from .results import ExceptionBehavior, ResumedResult, WorkerResultWrapper
 
-#: (input positions, values, errors) of completed items ready for the caller.
-Outcomes = tuple[range | tuple[int, ...], list[Any], list[ItemError] | None]
+#: (input positions, values, errors, replayed from a checkpoint) of completed items.
+Outcomes = tuple[range | tuple[int, ...], list[Any], list[ItemError] | None, bool]
 
 
 class MapRun:
@@ -52,6 +54,7 @@ class MapRun:
         read_input_in_thread: bool = True,
         length_batching: LengthBatching | None = None,
         batches_per_chunk: int = 1,
+        open_checkpoint: Callable[[], CheckpointRun] | None = None,
     ) -> None:
         self._dispatcher = dispatcher
         self._chunker = None if length_batching is None else LengthChunker(length_batching)
@@ -71,7 +74,9 @@ class MapRun:
         self._pending: dict[int, Outcomes] = {}
         self._ready: deque[Outcomes] = deque()
         self._failure: BaseException | None = None  # IMMEDIATE_WAIT_OTHERS: raise when idle
-        self._chained: bool | None = None  # the input is another map's results
+        self._intake = Intake(None)
+        self._open_checkpoint = open_checkpoint
+        self._unsent: deque[Chunk] = deque()  # read, to run, waiting for a free worker
 
     def batches(self) -> Generator[Iterator[WorkerResultWrapper[Any]], None, None]:
         """Yield one iterator of outcomes per completed chunk, in the order the caller sees.
@@ -80,8 +85,8 @@ class MapRun:
         (building each ``WorkerResultWrapper``) runs in C and this generator resumes once per
         chunk, not once per item.
         """
-        for positions, values, errors in self._outcomes():
-            yield _wrap(positions, values, errors)
+        for positions, values, errors, stored in self._outcomes():
+            yield _wrap(positions, values, errors, ResumedResult if stored else WorkerResultWrapper)
 
     def values(self) -> Generator[list[Any], None, None]:
         """Like :meth:`batches`, bare values: no wrapper is built on this path.
@@ -89,7 +94,7 @@ class MapRun:
         Only for exception behaviours that raise (an error never reaches the caller as a
         value: ``_accept`` raises or holds it before anything is released).
         """
-        for _, values, _ in self._outcomes():
+        for _, values, _, _ in self._outcomes():
             yield values
 
     def _outcomes(self) -> Generator[Outcomes, None, None]:
@@ -106,9 +111,13 @@ class MapRun:
         dispatcher.busy = True
         started = time.monotonic()
         try:
+            if self._open_checkpoint is not None:  # a damaged or busy file fails before any item
+                self._intake.checkpoint = self._open_checkpoint()
             yield from self._run()
         finally:
             self._reader.close()
+            if self._intake.checkpoint is not None:
+                self._intake.checkpoint.close()
             dispatcher.map_seconds += time.monotonic() - started
             dispatcher.busy = False
             dispatcher.end_run()
@@ -121,6 +130,8 @@ class MapRun:
                 if dispatcher.closed:
                     raise PoolBrokenError(f"{closed_message()}; this map was still running")
                 self._step()
+                if ready and self._intake.checkpoint is not None:
+                    self._intake.checkpoint.flush()  # durable before visible
             while ready:
                 yield ready.popleft()
             if not self._in_progress and (self._input_done or self._failure is not None):
@@ -153,27 +164,25 @@ class MapRun:
             # Re-runs first (a chunk split by a death or a pickling error lands there, even
             # from the submit just below), then new input while workers and window have room.
             dispatcher.submit_retries()
-            if self._input_done or dispatcher.has_retries():
+            if (self._input_done and not self._unsent) or dispatcher.has_retries():
                 return
             slot = dispatcher.free_slot()
             room = self._sizer.window_items - (self._next_read - self._released)
-            if slot is None or room <= 0:
+            if slot is None or (room <= 0 and not self._unsent):
                 return
             size = min(self._sizer.next_size(self._remaining()), room)
             budget = dispatcher.budget(slot)
             if budget is not None:
                 size = min(size, budget)
-            items = self._read(size)
-            if not items:
-                return
-            chunk = Chunk(dispatcher.new_chunk_id(), dispatcher.run_id, self._next_read, items)
-            self._next_read += len(items)
-            self._in_progress += len(items)
-            if self._chained:
-                chunk = self._unwrap_upstream(chunk)
-                if not chunk.items:
-                    continue
-            self._sizer.observe_bytes(len(items), dispatcher.submit(slot, chunk))
+            if not self._unsent:
+                items = self._read(size)
+                if not items:
+                    return
+                self._unsent.extend(self._take(items))
+                if not self._unsent:
+                    continue  # everything was settled without a worker
+            chunk = self._unsent.popleft()
+            self._sizer.observe_bytes(len(chunk.items), dispatcher.submit(slot, chunk))
 
     def _fill_planned(self, chunker: LengthChunker) -> None:
         """Length-aware batching: read into the sort window, send planned batches."""
@@ -208,19 +217,12 @@ class MapRun:
                 break
             wanted = min(room, max(1, chunker.sort_window - chunker.buffered))
             items = self._read(wanted)
-            for item in items:
-                self._in_progress += 1
-                if self._chained and _is_wrapper(item):
-                    if item.exception_obj is not None:
-                        self._fail_upstream(self._next_read, item)
-                        self._next_read += 1
-                        continue
-                    item = item.ret_val  # noqa: PLW2901
-                error = chunker.add(self._next_read, item)
-                if error is not None:  # only this item fails, at once
-                    chunk = Chunk(0, self._dispatcher.run_id, self._next_read, [item])
-                    self._accept(Completion(chunk, [None], [(0, error, "")]))
-                self._next_read += 1
+            for chunk in self._take(items):
+                for position, item in zip(chunk.where, chunk.items, strict=True):
+                    error = chunker.add(position, item)
+                    if error is not None:  # only this item fails, at once
+                        failed = Chunk(0, self._dispatcher.run_id, position, [item])
+                        self._accept(Completion(failed, [None], [(0, error, "")]))
             if len(items) < wanted:
                 stalled = True
                 break
@@ -228,33 +230,18 @@ class MapRun:
         if not chunker.has_planned and (self._input_done or (stalled and idle)):
             chunker.flush()
 
-    def _unwrap_upstream(self, chunk: Chunk) -> Chunk:
-        """Another map's results as input (chained pools): values go on, failures stay.
-
-        An item that failed upstream keeps its error and never reaches a worker here; the
-        others run on their values.
-        """
-        kept: list[int] = []
-        values: list[Any] = []
-        for offset, item in enumerate(chunk.items):
-            if not _is_wrapper(item):
-                kept.append(offset)
-                values.append(item)
-            elif item.exception_obj is None:
-                kept.append(offset)
-                values.append(item.ret_val)
-            else:
-                self._fail_upstream(chunk.start + offset, item)
-        if len(kept) == len(chunk.items):
-            chunk.items = values
-            return chunk
-        positions = tuple(chunk.start + offset for offset in kept)
-        return Chunk(chunk.chunk_id, chunk.run_id, chunk.start, values, positions=positions)
-
-    def _fail_upstream(self, position: int, result: WorkerResultWrapper[Any]) -> None:
-        chunk = Chunk(0, self._dispatcher.run_id, position, [result])
-        error: ItemError = (0, result.exception_obj, "")  # type: ignore[assignment]
-        self._accept(Completion(chunk, [None], [error]))
+    def _take(self, items: list[Any]) -> list[Chunk]:
+        """Account for items just read; settle what needs no worker; return what must run."""
+        dispatcher = self._dispatcher
+        start = self._next_read
+        self._next_read += len(items)
+        self._in_progress += len(items)
+        settled, chunks = self._intake.take(
+            start, items, dispatcher.new_chunk_id, dispatcher.run_id
+        )
+        for completion in settled:
+            self._accept(completion)
+        return chunks
 
     def _remaining(self) -> int | None:
         return None if self._length is None else self._length - self._next_read
@@ -263,8 +250,6 @@ class MapRun:
         reader = self._reader
         reader.capacity = self._sizer.window_items
         items = reader.read(size)
-        if self._chained is None and items:  # decided once per map, by its first item
-            self._chained = _is_wrapper(items[0])
         if reader.exhausted:
             self._input_done = True
             self._input_error = reader.error
@@ -275,6 +260,9 @@ class MapRun:
     def _accept(self, completion: Completion) -> None:
         chunk, values, errors = completion.chunk, completion.values, completion.errors
         self._in_progress -= len(chunk.items)
+        checkpoint = self._intake.checkpoint
+        if checkpoint is not None and not completion.stored:
+            checkpoint.record(chunk.where, chunk.items, values, errors)
         if completion.oom_backoffs and self._chunker is not None:
             self._chunker.shrink_budget()
         if completion.busy_seconds:
@@ -283,6 +271,8 @@ class MapRun:
         if errors:
             self._attach_tracebacks(errors)
             if self._behavior is ExceptionBehavior.IMMEDIATE:
+                if checkpoint is not None:
+                    checkpoint.flush()
                 raise errors[0][1]
             if self._behavior is ExceptionBehavior.IMMEDIATE_WAIT_OTHERS:
                 if self._failure is None:
@@ -290,7 +280,7 @@ class MapRun:
                 return
         if self._failure is not None:
             return  # nobody will read results after the pending exception
-        entry = (chunk.where, values, errors)
+        entry = (chunk.where, values, errors, completion.stored)
         if not self._ordered:
             self._released += len(values)
             self._ready.append(entry)
@@ -305,7 +295,7 @@ class MapRun:
                 item_errors: list[ItemError] | None = None
                 if error is not None:
                     item_errors = [(0, error[0], error[1])]
-                pending[position] = ((position,), [values[offset]], item_errors)
+                pending[position] = ((position,), [values[offset]], item_errors, completion.stored)
         while self._released in pending:
             entry = pending.pop(self._released)
             self._released += len(entry[1])
@@ -318,19 +308,17 @@ class MapRun:
                 exc.__cause__ = RemoteTraceback(tb_text)
 
 
-def _is_wrapper(item: Any) -> bool:
-    return type(item) is WorkerResultWrapper
-
-
 def _wrap(
-    positions: range | tuple[int, ...], values: list[Any], errors: list[ItemError] | None
+    positions: range | tuple[int, ...],
+    values: list[Any],
+    errors: list[ItemError] | None,
+    wrapper: type[WorkerResultWrapper[Any]],
 ) -> Iterator[WorkerResultWrapper[Any]]:
     if errors is None:
-        return map(WorkerResultWrapper, positions, values, repeat(None))
+        return map(wrapper, positions, values, repeat(None))
     failed = {offset: exc for offset, exc, _ in errors}
     return (
-        WorkerResultWrapper(positions[offset], value, failed.get(offset))
-        for offset, value in enumerate(values)
+        wrapper(positions[offset], value, failed.get(offset)) for offset, value in enumerate(values)
     )
 
 

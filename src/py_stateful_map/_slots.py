@@ -86,6 +86,7 @@ class Completion:
     busy_seconds: float = 0.0  # worker time, for the chunk sizer; 0 when no worker ran it
     payload_bytes: int = 0  # size of the results as transported, for the chunk sizer
     oom_backoffs: int = 0  # the worker halved its batch for memory: shrink planned budgets
+    stored: bool = False  # replayed from a checkpoint: no worker ran it this time
 
 
 @dataclass(eq=False)

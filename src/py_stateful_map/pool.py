@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, NoReturn
 
+from ._checkpoint_run import CheckpointRun
 from ._chunking import ChunkSizer
 from ._dispatcher import Dispatcher, FaultPolicy
 from ._length_batching import LengthBatching
@@ -26,9 +27,13 @@ from ._progress import ProgressOption, ResultCallback, resolve_progress, with_pr
 from ._slots import WorkerSlot
 from ._worker_runtime import WorkerSpec
 from .backends.base import Backend
+from .checkpoint import Checkpoint, as_checkpoint
 from .errors import PoolBrokenError
 from .results import ArgumentPassing, ExceptionBehavior, T, WorkerResultWrapper
 from .stats import PoolStats
+
+#: A map's ``checkpoint=``: a ``Checkpoint``, a path, or None.
+CheckpointOption = Checkpoint | str | os.PathLike[str] | None
 
 logger = logging.getLogger("py_stateful_map")
 
@@ -141,6 +146,9 @@ class StateFullWorkerPool(Generic[T]):
         self._progress = resolve_progress(progress)
         self._on_result = on_result
         self._read_input_in_thread = read_input_in_thread
+        # What a checkpoint's manifest records of this job (per-worker kwargs such as devices
+        # are left out, so a run may resume on other devices or worker counts).
+        self._job = (worker_class_or_func, dict(shared_kwarg_dict or {}))
         self._length_batching = LengthBatching.from_options(
             batch_size, length_fn, max_batch_tokens, sort_window
         )
@@ -222,7 +230,10 @@ class StateFullWorkerPool(Generic[T]):
         return self._slot_count
 
     def map(
-        self, input_iterable: Iterable[Any], is_unordered: bool = False
+        self,
+        input_iterable: Iterable[Any],
+        is_unordered: bool = False,
+        checkpoint: CheckpointOption = None,
     ) -> MapResult[WorkerResultWrapper[T]]:
         """Stream ``input_iterable`` through the workers; lazily, with bounded read-ahead.
 
@@ -232,10 +243,19 @@ class StateFullWorkerPool(Generic[T]):
         the pool is closed, iterating raises ``PoolBrokenError``. An iterator input is read
         on a bounded feeder thread (see ``read_input_in_thread``); another map's results as
         input run their values, and items that failed there keep their error.
-        """
-        return self._start_map(input_iterable, ordered=not is_unordered, values=False)
 
-    def imap(self, input_iterable: Iterable[Any]) -> MapResult[Any]:
+        ``checkpoint`` (a path or a :class:`~py_stateful_map.Checkpoint`) makes the map
+        resumable: every result is committed to it before you receive it, and rerunning the
+        same map sends only unfinished items to workers; finished ones come back from the
+        file at their place (``from_checkpoint`` is True on them).
+        """
+        return self._start_map(
+            input_iterable, ordered=not is_unordered, values=False, checkpoint=checkpoint
+        )
+
+    def imap(
+        self, input_iterable: Iterable[Any], checkpoint: CheckpointOption = None
+    ) -> MapResult[Any]:
         """The workers' return values in input order, as ``multiprocessing.Pool.imap`` gives.
 
         An item's exception is raised here (its worker traceback as ``__cause__``), at once
@@ -247,14 +267,21 @@ class StateFullWorkerPool(Generic[T]):
         ...     list(pool.imap([-1, -2, 3]))
         [1, 2, 3]
         """
-        return self._start_map(input_iterable, ordered=True, values=True)
+        return self._start_map(input_iterable, ordered=True, values=True, checkpoint=checkpoint)
 
-    def imap_unordered(self, input_iterable: Iterable[Any]) -> MapResult[Any]:
+    def imap_unordered(
+        self, input_iterable: Iterable[Any], checkpoint: CheckpointOption = None
+    ) -> MapResult[Any]:
         """Like :meth:`imap`, in the order items finish."""
-        return self._start_map(input_iterable, ordered=False, values=True)
+        return self._start_map(input_iterable, ordered=False, values=True, checkpoint=checkpoint)
 
     def _start_map(
-        self, input_iterable: Iterable[Any], *, ordered: bool, values: bool
+        self,
+        input_iterable: Iterable[Any],
+        *,
+        ordered: bool,
+        values: bool,
+        checkpoint: CheckpointOption = None,
     ) -> MapResult[Any]:
         if values and self._behavior is ExceptionBehavior.DEFERRED:
             raise ValueError(
@@ -277,6 +304,7 @@ class StateFullWorkerPool(Generic[T]):
             read_input_in_thread=self._read_input_in_thread,
             length_batching=self._length_batching,
             batches_per_chunk=self._batches_per_chunk,
+            open_checkpoint=self._checkpoint_opener(checkpoint, length),
         )
         decorate = None
         if self._progress is not None or self._on_result is not None:
@@ -287,6 +315,20 @@ class StateFullWorkerPool(Generic[T]):
 
         batches = run.values() if values else run.batches()
         return MapResult(batches, length, decorate, owner=self)
+
+    def _checkpoint_opener(
+        self, checkpoint: CheckpointOption, length: int | None
+    ) -> Callable[[], CheckpointRun] | None:
+        """Opens the map's checkpoint when the map starts (the manifest names this job)."""
+        store = as_checkpoint(checkpoint)
+        if store is None:
+            return None
+        worker, shared = self._job
+
+        def open_run() -> CheckpointRun:
+            return store.open_run(worker=worker, init_kwargs=shared, length=length)
+
+        return open_run
 
     def _check_usable(self) -> None:
         if self._closed:

@@ -58,6 +58,8 @@ class WorkerResultWrapper(Generic[T]):
     """
 
     __slots__ = ("exception_obj", "obj_id", "ret_val")
+    #: True for an outcome replayed from a checkpoint (an earlier run computed it).
+    from_checkpoint = False
 
     def __init__(self, obj_id: int, ret_val: T | None, exception_obj: BaseException | None) -> None:
         self.obj_id = obj_id
@@ -87,3 +89,14 @@ class WorkerResultWrapper(Generic[T]):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (WorkerResultWrapper, (self.obj_id, self.ret_val, self.exception_obj))
+
+
+class ResumedResult(WorkerResultWrapper[T]):
+    """An outcome replayed from a checkpoint: an earlier run computed it, no worker ran it now.
+
+    >>> ResumedResult(0, "x", None).from_checkpoint
+    True
+    """
+
+    __slots__ = ()
+    from_checkpoint = True
