@@ -146,8 +146,9 @@ def lead_own_process_group() -> None:
 def _let_the_forkserver_end_with_the_parent() -> None:
     """Close our copy of the forkserver's "parent alive" pipe.
 
-    multiprocessing hands every forkserver child a copy of it; while any child holds it the
-    forkserver outlives the parent, and so would the death signal it should trigger. Our
+    multiprocessing hands every forkserver child a copy of it (bpo-26732 / cpython#2813 closed
+    the other inherited fds, not this one); while any child holds it the forkserver outlives
+    the parent, and so would the death signal it should trigger. Our
     worker never starts processes through the parent's forkserver (a nested pool starts its
     own), so the copy is of no use here.
     """

@@ -293,8 +293,8 @@ class RayBackend:
             return
         if self._ray.is_initialized() and live:
             running = [a.pending[0] for a in live if a.start is None and a.pending]
-            # Ray can leak the CPU lease of an actor killed while it is being created (the
-            # worker drops the kill, keeps the lease, and later actors wait for that CPU
+            # Ray can leak the CPU lease of an actor killed while it is being created
+            # (ray#27743: the worker drops the kill, keeps the lease, later actors wait for that CPU
             # forever): let actors that are starting finish starting first, except those no
             # live node can host (their node was lost), which have no lease and never start.
             starting = [a.start for a in live if a.start is not None and self._placeable(a)]
