@@ -25,6 +25,7 @@ CHECKED_ELSEWHERE = {
     "evaluation_harness.py",
     "embed_demo.py",
     "embed_corpus.py",
+    "resume_after_kill.py",
 }
 #: ``_name.py`` files are modules the examples share, not examples.
 EXAMPLES = sorted(

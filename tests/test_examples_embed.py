@@ -150,3 +150,19 @@ def test_embed_corpus_reads_its_input_lazily(tmp_path: Path) -> None:
     manifest = json.loads(writer.close(model="m").read_text())
     assert [s["rows"] for s in manifest["shards"]] == [2, 2, 1]
     assert np.load(tmp_path / "out" / "shard-00002.npy").tolist() == [[4.0, 4.0, 4.0]]
+
+
+RESUMED_LINE = re.compile(
+    r"^resumed: DONE computed=(?P<computed>\d+) replayed=(?P<replayed>\d+)", re.M
+)
+
+
+@pytest.mark.timeout(TIMEOUT_SECONDS + 30)
+def test_resume_example_computes_only_what_the_killed_run_had_not() -> None:
+    output = run(str(EXAMPLES / "resume_after_kill.py"), "--sentences", "240")
+    resumed = RESUMED_LINE.search(output)
+    assert resumed is not None, output
+    computed, replayed = int(resumed["computed"]), int(resumed["replayed"])
+    assert computed + replayed == 240
+    assert replayed >= 80  # at least what the killed run had handed over
+    assert "read back 240 embeddings of 384 floats, in order" in output

@@ -35,6 +35,9 @@ from ._slots import Chunk, Completion
 from .errors import PoolBrokenError, PoolBusyError, RemoteTraceback
 from .results import ExceptionBehavior, ResumedResult, WorkerResultWrapper
 
+#: Items read at once while a checkpoint may hold them: replaying needs no worker, so the
+#: read is not sized by worker time (one row of the store holds up to 4096 items).
+REPLAY_READ = 4096
 #: (input positions, values, errors, replayed from a checkpoint) of completed items.
 Outcomes = tuple[range | tuple[int, ...], list[Any], list[ItemError] | None, bool]
 
@@ -167,21 +170,29 @@ class MapRun:
             if (self._input_done and not self._unsent) or dispatcher.has_retries():
                 return
             slot = dispatcher.free_slot()
-            room = self._sizer.window_items - (self._next_read - self._released)
-            if slot is None or (room <= 0 and not self._unsent):
+            if slot is None:
                 return
-            size = min(self._sizer.next_size(self._remaining()), room)
+            size = self._sizer.next_size(self._remaining())
             budget = dispatcher.budget(slot)
             if budget is not None:
                 size = min(size, budget)
             if not self._unsent:
-                items = self._read(size)
+                room = self._sizer.window_items - (self._next_read - self._released)
+                if room <= 0:
+                    return
+                if self._intake.checkpoint is not None:  # replayed items need no worker
+                    size = max(size, REPLAY_READ)
+                items = self._read(min(size, room))
                 if not items:
                     return
                 self._unsent.extend(self._take(items))
-                if not self._unsent:
-                    continue  # everything was settled without a worker
+                if self._ready and not self._unsent:
+                    return  # hand over replayed results before reading more (bounded memory)
+                continue
             chunk = self._unsent.popleft()
+            if len(chunk.items) > size:  # read in a larger window than one chunk
+                self._unsent.appendleft(chunk.tail(dispatcher.new_chunk_id, size))
+                chunk = chunk.part(chunk.chunk_id, 0, size)
             self._sizer.observe_bytes(len(chunk.items), dispatcher.submit(slot, chunk))
 
     def _fill_planned(self, chunker: LengthChunker) -> None:
