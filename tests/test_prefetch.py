@@ -250,3 +250,25 @@ def test_prepare_of_and_chunk_batches() -> None:
     assert chunk_batches(PickyPrepare, 1, 5.0) == 1  # task_timeout times one call
     assert chunk_batches(NoPrepare, 1, None) == 1
     assert check_prefetch(0) == 0
+
+
+def test_prepare_thread_uses_the_workers_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's current device is per thread: the prepare thread must take the worker's."""
+    torch = pytest.importorskip("torch")
+    import threading
+
+    from py_stateful_map._prefetch import BatchPreparer
+
+    chosen: dict[str, int] = {}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(
+        torch.cuda, "set_device", lambda d: chosen.__setitem__(threading.current_thread().name, d)
+    )
+    preparer = BatchPreparer(None, lambda batch: batch, prefetch=1)
+    with preparer.chunk([1, 2, 3, 4]):
+        preparer.look_ahead(2, 4, size=2)
+        preparer.take(0, 2)
+        preparer.take(2, 4)
+    assert list(chosen.values()) == [1]
+    assert all(name.startswith("py_stateful_map-prepare") for name in chosen)

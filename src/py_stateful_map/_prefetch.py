@@ -24,7 +24,9 @@ worker never leaves a thread behind and no prepared batch outlives its chunk.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -171,5 +173,26 @@ class BatchPreparer:
 
     def _thread(self) -> ThreadPoolExecutor:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="py_stateful_map-prepare")
+            device = _current_cuda_device()
+            self._executor = ThreadPoolExecutor(
+                1,
+                thread_name_prefix="py_stateful_map-prepare",
+                initializer=None if device is None else functools.partial(_use_cuda_device, device),
+            )
         return self._executor
+
+
+def _current_cuda_device() -> int | None:
+    """The worker thread's CUDA device, if CUDA is in use: ``prepare`` must run on it too.
+
+    CUDA's current device is per thread and starts at 0, so without this a thread worker on
+    ``cuda:1`` would prepare (pin, copy) its batches on GPU 0.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    return int(torch.cuda.current_device())
+
+
+def _use_cuda_device(device: int) -> None:
+    sys.modules["torch"].cuda.set_device(device)
