@@ -259,7 +259,10 @@ class MapRun:
 
     def _read(self, size: int) -> list[Any]:
         reader = self._reader
-        reader.capacity = self._sizer.window_items
+        # What a feeder thread may buffer is what the window still allows (and one read):
+        # read-ahead stays within about one window, buffered or in flight.
+        outstanding = self._next_read - self._released
+        reader.capacity = max(size, self._sizer.window_items - outstanding)
         items = reader.read(size)
         if reader.exhausted:
             self._input_done = True

@@ -166,22 +166,24 @@ class SegmentPool:
     def _create(self, capacity: int) -> _Segment | None:
         name = f"{self.prefix}{next(self._counter)}"
         path = SHM_DIR / name
+        # Registered before the file exists: a process killed between creating and
+        # registering would leave a segment nobody removes until the next pool's sweep.
+        _track(name)
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         except OSError:
+            _untrack(name)
             self._fall_back(f"cannot create files in {SHM_DIR}")
             return None
         try:
             os.posix_fallocate(fd, 0, capacity)
             mapping = mmap.mmap(fd, capacity)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                path.unlink()
+            _remove(path)
             self._fall_back(f"{SHM_DIR} is full or too small ({exc.strerror})")
             return None
         finally:
             os.close(fd)
-        _track(name)
         return _Segment(name, capacity, mapping)
 
     def _fall_back(self, reason: str) -> None:
@@ -277,6 +279,13 @@ def _track(name: str) -> None:
         from multiprocessing import resource_tracker
 
         resource_tracker.register(f"/{name}", "shared_memory")
+
+
+def _untrack(name: str) -> None:
+    if _tracked():
+        from multiprocessing import resource_tracker
+
+        resource_tracker.unregister(f"/{name}", "shared_memory")
 
 
 def _remove(path: Path) -> bool:
