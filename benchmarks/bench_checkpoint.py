@@ -19,6 +19,11 @@ Rows:
 
 Each timing is the best of ``--repeat``; RSS growth is the peak over the run of
 ``/proc/self/statm`` minus its value before it (Linux).
+
+``--pool``: the same targets through the pool, end to end — ``imap`` of ``--write`` tiny tasks
+on 2 workers without and with ``checkpoint=`` (target: overhead <= 10 %), the resume of that
+finished run, and (``--embed N``) N sentences embedded with the real model (all-MiniLM-L6-v2,
+``examples/_embedder.py``) without and with ``checkpoint=`` (target: overhead <= 2 %).
 """
 
 from __future__ import annotations
@@ -156,6 +161,70 @@ def measure_embeddings(directory: str, e: int, window: int, repeat: int) -> list
     return rows
 
 
+def add_one(x: int) -> int:
+    return x + 1
+
+
+def measure_pool(directory: str, n: int, repeat: int, embed: int) -> list[Any]:
+    """End to end through ``StateFullWorkerPool`` / ``DevicePool`` (see the module docstring)."""
+    from py_stateful_map import StateFullWorkerPool
+
+    rows = []
+    counter = iter(range(1_000_000))
+    with StateFullWorkerPool(2, add_one) as pool:
+        sum(pool.imap(range(n)))  # warm up
+        plain = best(lambda: _timed(lambda: sum(pool.imap(range(n)))), repeat)
+        paths = [f"{directory}/tiny-{next(counter)}.ckpt" for _ in range(repeat)]
+        marked = iter(paths)
+        checkpointed = best(
+            lambda: _timed(lambda: sum(pool.imap(range(n), checkpoint=next(marked)))), repeat
+        )
+        resumed = best(lambda: _timed(lambda: sum(pool.imap(range(n), checkpoint=paths[0]))), 1)
+    rows.append(rate(f"{n:,} tiny tasks, imap, no checkpoint", n, plain))
+    overhead = f"{checkpointed / plain:.2f}x the plain run"
+    rows.append(rate(f"{n:,} tiny tasks, imap, checkpoint=", n, checkpointed, overhead))
+    rows.append(rate(f"resume of that finished run ({n:,} replayed)", n, resumed))
+    if embed:
+        rows += _measure_embedding(directory, embed)
+    return rows
+
+
+def _measure_embedding(directory: str, count: int) -> list[Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from _corpus import Corpus
+    from _embedder import Embedder, go_offline, length_aware_options
+
+    from py_stateful_map import DevicePool
+
+    go_offline()
+    corpus = Corpus(count)
+    with DevicePool(
+        Embedder, devices="cpu", workers_per_device=2, batch_size=32, **length_aware_options()
+    ) as pool:
+        list(pool.imap(Corpus(64)))  # warm up: model loaded, tokenizer ready
+        plain = _timed(lambda: list(pool.imap(corpus)))
+        checkpointed = _timed(
+            lambda: list(pool.imap(corpus, checkpoint=f"{directory}/embed.ckpt"))
+        )
+        plain_again = _timed(lambda: list(pool.imap(corpus)))
+    plain = min(plain, plain_again)  # the machine drifts: bracket the checkpointed run
+    return [
+        rate(f"{count:,} sentences embedded, no checkpoint", count, plain),
+        rate(
+            f"{count:,} sentences embedded, checkpoint=",
+            count,
+            checkpointed,
+            f"{checkpointed / plain:.3f}x",
+        ),
+    ]
+
+
+def _timed(run: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", type=int, default=200_000)
@@ -164,10 +233,15 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where the files go (default: a temp dir)")
+    parser.add_argument("--pool", action="store_true", help="end to end through the pool")
+    parser.add_argument("--embed", type=int, default=0, help="with --pool: sentences to embed")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
-        rows = measure_ints(directory, args.write, args.resume, args.window, args.repeat)
-        rows += measure_embeddings(directory, args.embeddings, args.window, args.repeat)
+        if args.pool:
+            rows = measure_pool(directory, args.write, args.repeat, args.embed)
+        else:
+            rows = measure_ints(directory, args.write, args.resume, args.window, args.repeat)
+            rows += measure_embeddings(directory, args.embeddings, args.window, args.repeat)
     print("| store operation | rate | detail |")
     print("|---|---:|---|")
     for label, speed, detail in rows:
