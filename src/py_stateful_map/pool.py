@@ -79,10 +79,17 @@ class StateFullWorkerPool(Generic[T]):
     ``batch_size`` hands the worker lists of items (see ``DevicePool``); a worker class that
     defines ``prepare(batch)`` is called as ``__call__(prepare(batch))``, with ``prepare`` of
     the next ``prefetch`` batches (default 1; 0 = inline) running on one background thread
-    while ``__call__`` runs. With
+    while ``__call__`` runs. ``length_fn`` (with ``batch_size``) batches by cost: a window of
+    ``sort_window`` items is sorted by ``length_fn(item)`` and cut into batches of similar cost
+    within ``max_batch_tokens`` (items x longest); results still come back per item.
+    ``read_input_in_thread`` (default True) reads an iterator input on a bounded feeder
+    thread, so an input that waits for the caller's results cannot deadlock; pass False for
+    iterators bound to their thread (``sqlite3`` cursors). With
     ``backend="ray"`` each worker is a Ray actor: ``ray_address`` picks the cluster (else an
     initialized Ray, else ``RAY_ADDRESS``, else a local instance) and ``ray_actor_options``
     (one dict per worker, e.g. ``{"num_gpus": 0.5}``) is passed to ``.options()``.
+
+    ``close()`` may be called from any thread; a pool is never pickled or sent to a worker.
     """
 
     def __init__(
