@@ -259,10 +259,10 @@ class MapRun:
 
     def _read(self, size: int) -> list[Any]:
         reader = self._reader
-        # What a feeder thread may buffer is what the window still allows (and one read):
-        # read-ahead stays within about one window, buffered or in flight.
-        outstanding = self._next_read - self._released
-        reader.capacity = max(size, self._sizer.window_items - outstanding)
+        # A feeder thread buffers about the next read or two, never past the window: the
+        # read-ahead stays within one window, buffered or in flight.
+        room = self._sizer.window_items - (self._next_read - self._released)
+        reader.capacity = max(1, min(2 * size, room))
         items = reader.read(size)
         if reader.exhausted:
             self._input_done = True
