@@ -259,10 +259,10 @@ class MapRun:
 
     def _read(self, size: int) -> list[Any]:
         reader = self._reader
-        # A feeder thread buffers about the next read or two, never past the window: the
-        # read-ahead stays within one window, buffered or in flight.
+        # A feeder thread buffers the next read, never past the window: the read-ahead stays
+        # within one window, buffered or in flight.
         room = self._sizer.window_items - (self._next_read - self._released)
-        reader.capacity = max(1, min(2 * size, room))
+        reader.capacity = max(1, min(size, room))
         items = reader.read(size)
         if reader.exhausted:
             self._input_done = True
