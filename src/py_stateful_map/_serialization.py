@@ -199,12 +199,11 @@ def decode_from_worker(
     """Decode a worker's frame; a payload that cannot be unpickled blames its chunk."""
     header, raw_payload, descriptors = codec.decode_header(frame)
     try:
-        message = codec.with_payload(header, raw_payload, descriptors, detached)
-        if isinstance(message, ChunkDone):
+        if isinstance(header, ChunkDone) and raw_payload:  # one copy of the header, not two
             size = len(raw_payload) + sum(nbytes for _, nbytes in descriptors)
             size += sum(memoryview(buffer).nbytes for buffer in detached or ())
-            message = dataclasses.replace(message, payload_bytes=size)
-        return message  # type: ignore[no-any-return]
+            header = dataclasses.replace(header, payload_bytes=size)
+        return codec.with_payload(header, raw_payload, descriptors, detached)  # type: ignore[no-any-return]
     except Exception as exc:  # blame the chunk, not the channel; the dispatcher asks again
         # item by item (``ResendItemwise``) to find the items at fault
         reason = f"{type(exc).__name__}: {exc}"

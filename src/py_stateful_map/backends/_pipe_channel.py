@@ -9,6 +9,7 @@ Frames are laid out exactly as ``Connection.send_bytes`` does, so the child read
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 from collections import deque
@@ -29,8 +30,16 @@ class PipeChannel:
         self.conn = conn
         self.codec = codec
         self._sock: socket.socket | None = socket.socket(fileno=conn.fileno())  # MSG_DONTWAIT
+        # ``Connection.poll()`` builds a selector per call (20 us); a poll object kept for the
+        # pipe answers "anything to read?" in about 1 us, asked once per message received.
+        self._readable = select.poll()
+        self._readable.register(conn.fileno(), select.POLLIN)
         self._outbox: deque[memoryview] = deque()
         self.at_eof = False
+
+    def readable(self) -> bool:
+        """Whether the worker has sent something (or hung up) that ``recv_bytes`` would read."""
+        return bool(self._readable.poll(0))
 
     @property
     def pending(self) -> bool:

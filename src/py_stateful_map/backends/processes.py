@@ -224,7 +224,7 @@ class ProcessBackend:
         if channel is None or channel.at_eof:
             return
         try:
-            while channel.conn.poll():
+            while channel.readable():
                 frame = channel.conn.recv_bytes()
                 events.append((index, decode_from_worker(channel.codec, frame)))
         except (EOFError, OSError):
