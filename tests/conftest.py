@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib.util
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +12,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from .ray_support import keep_ray_on_loopback
+from .ray_support import keep_ray_on_loopback, local_ray
 
 #: Backends every behaviour test runs against (the inline one has a single worker).
 LOCAL_BACKENDS = ["processes", "threads"]
@@ -34,20 +32,8 @@ def ray_cluster() -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    temp_dir = tempfile.mkdtemp(prefix="psm-ray-", dir="/tmp")  # short: socket path limits
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=temp_dir,
-        log_to_driver=False,
-    )
-    try:
+    with local_ray(num_cpus=2):
         yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _infrastructure_pids() -> set[int]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 
 #: Read by Ray when it is imported or starts a node: every address on 127.0.0.1 (a single-node
 #: "cluster" binds and connects to loopback), no auth token, no telemetry.
@@ -41,3 +45,29 @@ def endpoints_of(processes: list[object]) -> set[str]:
             if connection.raddr:
                 found.add(connection.raddr.ip)
     return found
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 2, num_gpus: int = 0) -> Iterator[None]:
+    """A local Ray instance on 127.0.0.1 only (``num_gpus`` declared, not real), then shut down.
+
+    Its temp dir is short and under /tmp: Ray's socket paths must fit in 107 bytes.
+    """
+    keep_ray_on_loopback()
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="psm-ray-", dir="/tmp")
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -16,10 +16,8 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import types
 from pathlib import Path
@@ -35,7 +33,7 @@ from py_stateful_map.backends import _ray_devices
 from py_stateful_map.backends._ray_devices import RAY_GPU, RAY_GPUS, plan_ray_workers
 
 from .device_workers import RecordingWorker, record, records
-from .ray_support import keep_ray_on_loopback
+from .ray_support import keep_ray_on_loopback, local_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -489,18 +487,12 @@ def test_ray_actors_on_declared_gpus_get_their_group() -> None:
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         pytest.skip("a Ray instance without declared GPUs is already running")
-    temp_dir = tempfile.mkdtemp(prefix="psm-ray-", dir="/tmp")  # short: socket path limits
-    ray.init(address="local", num_cpus=2, num_gpus=4, include_dashboard=False,
-             _node_ip_address="127.0.0.1", _temp_dir=temp_dir, log_to_driver=False)  # fmt: skip
     unmasked = {"runtime_env": {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}}
-    try:
+    with local_ray(num_cpus=2, num_gpus=4):
         with DevicePool(RayGroupReport, gpus_per_worker=2, backend="ray", chunk_size=1,
                         ray_actor_options=[unmasked, {}]) as pool:  # fmt: skip
             assert pool.devices == ["cuda:0,cuda:1"] * 2
             facts = {repr(r.ret_val): r.ret_val for r in pool.map(range(8))}.values()
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
     assert len(facts) == 2, facts
     ids = sorted(gpu for _, _, _, gpu_ids in facts for gpu in gpu_ids)
     assert ids == ["0", "1", "2", "3"]  # two actors, two GPUs each, none shared

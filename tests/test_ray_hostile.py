@@ -9,10 +9,8 @@ placement of ``DevicePool(backend="ray")`` can be checked on a machine without a
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from .ray_support import keep_ray_on_loopback
+from .ray_support import keep_ray_on_loopback, local_ray
 
 keep_ray_on_loopback()
 
@@ -43,21 +41,8 @@ DEFERRED = ExceptionBehavior.DEFERRED
 @pytest.fixture(scope="module", autouse=True)
 def ray_with_declared_gpus() -> Iterator[None]:
     assert not ray.is_initialized(), "another test module left its Ray running"
-    temp_dir = tempfile.mkdtemp(prefix="psm-ray-", dir="/tmp")  # short: socket path limits
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=temp_dir,
-        log_to_driver=False,
-    )
-    try:
+    with local_ray(num_cpus=2, num_gpus=2):
         yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def pool_actor_names() -> set[str]:
