@@ -99,9 +99,11 @@ class SegmentPool:
             segment = self._segment_for(view.nbytes)
             if segment is None:
                 return True
-            segment.mapping[: view.nbytes] = view
+            # Lent before the copy: a Ctrl-C during a 4 MB copy must not strand the segment
+            # outside both lists (``close`` would then miss it).
             self._lent[segment.name] = segment
             descriptors.append((segment.name, view.nbytes))
+            segment.mapping[: view.nbytes] = view
             return False
 
         stream = io.BytesIO()
@@ -194,11 +196,16 @@ class SegmentPool:
             log("%s: large arrays go through the pipe instead (slower)", reason)
 
     def close(self) -> None:
-        """Unlink every segment; receivers that still map one keep their data."""
+        """Unlink every segment; receivers that still map one keep their data.
+
+        The prefix is swept as well: a KeyboardInterrupt between creating a file and
+        recording it (inside ``_create``) leaves a segment that neither list knows.
+        """
         for segment in [*self._free, *self._lent.values()]:
             self._unlink(segment)
         self._free.clear()
         self._lent.clear()
+        unlink_prefix(self.prefix)
 
 
 class SegmentReader:
