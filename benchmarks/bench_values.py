@@ -1,12 +1,13 @@
 """Bare values at full speed (issue 15): ``imap`` / ``imap_unordered`` against their peers.
 
-Run:  ``python benchmarks/bench_values.py [--items 50000] [--repeat 5] [--ray]``
+Run:  ``python benchmarks/bench_values.py [--items 50000] [--repeat 40] [--ray]``
 
 50,000 tiny tasks (``x + 1``), 2 workers, default settings for ours; for
 ``multiprocessing.Pool`` the best of several hand-picked chunk sizes (an expert's
-hand-tuning). Pools are started before timing, and each measurement is the best of
-``--repeat`` runs (shared machines are noisy). With ``--ray``: ``backend="ray"`` against
-hand-batched Ray tasks whose driver loops over each result.
+hand-tuning: the one with the lowest median). Pools are started and warmed up before timing;
+the contenders run interleaved, ``--repeat`` rounds, and medians are compared (the best runs
+are shown too: on a shared machine they are a lottery). With ``--ray``: ``backend="ray"``
+against hand-batched Ray tasks whose driver loops over each result.
 
 Targets: imap >= 1.1x ``Pool.imap`` (best chunksize), imap_unordered >= 1.1x
 ``Pool.imap_unordered``; on Ray >= 1.0x hand-batched tasks; map() no slower than before.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -26,20 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from py_stateful_map import StateFullWorkerPool
 
-CHUNK_SIZES = (64, 256, 1024, 4096)
+CHUNK_SIZES = (256, 1024, 4096, 8192, 16384)
 
 
 def add_one(x: int) -> int:
     return x + 1
 
 
-def best_seconds(run: Callable[[], Any], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
-    return best
+def seconds(run: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
 
 
 def consume(values: Iterable[Any]) -> int:
@@ -49,39 +48,48 @@ def consume(values: Iterable[Any]) -> int:
     return total
 
 
-def measure_multiprocessing(items: int, repeat: int) -> dict[str, tuple[float, int]]:
-    """Best seconds (and the chunk size that gave it) for Pool.imap and imap_unordered."""
+def measure_local(items: int, repeat: int) -> dict[str, list[float]]:
+    """Seconds of every run of every contender, the contenders interleaved round by round.
+
+    This machine's speed drifts by up to 2x over seconds (a shared VM): measured one after
+    the other, whichever contender ran in a fast phase would win. Interleaved, each round
+    sees every contender in the same phase, and medians over the rounds are compared.
+    """
     ctx = multiprocessing.get_context("forkserver")
-    results: dict[str, tuple[float, int]] = {}
-    with ctx.Pool(2) as pool:
-        consume(pool.imap(add_one, range(1000), chunksize=64))  # warm up
+    runs: dict[str, list[float]] = {}
+    with ctx.Pool(2) as peer, StateFullWorkerPool(2, add_one) as ours:
+        consume(peer.imap(add_one, range(1000), chunksize=64))  # warm up
+        consume(ours.imap(range(items)))  # warm up
+        contenders: dict[str, Callable[[], Any]] = {
+            "imap": lambda: consume(ours.imap(range(items))),
+            "imap_unordered": lambda: consume(ours.imap_unordered(range(items))),
+            "map": lambda: consume(r.ret_val for r in ours.map(range(items))),
+        }
         for method in ("imap", "imap_unordered"):
-            timings = []
             for chunksize in CHUNK_SIZES:
-                call = getattr(pool, method)
-                seconds = best_seconds(
-                    lambda call=call, c=chunksize: consume(call(add_one, range(items), c)), repeat
+                call = getattr(peer, method)
+                contenders[f"Pool.{method} chunksize={chunksize}"] = lambda call=call, c=chunksize: (
+                    consume(call(add_one, range(items), c))
                 )
-                timings.append((seconds, chunksize))
-            results[method] = min(timings)
-    return results
+        for _ in range(repeat):
+            for name, run in contenders.items():
+                runs.setdefault(name, []).append(seconds(run))
+    return runs
 
 
-def measure_ours(items: int, repeat: int, backend: str = "processes") -> dict[str, float]:
-    results: dict[str, float] = {}
+def best_peer(runs: dict[str, list[float]], method: str) -> str:
+    """The hand-tuned peer: the chunk size with the lowest median."""
+    names = [f"Pool.{method} chunksize={chunksize}" for chunksize in CHUNK_SIZES]
+    return min(names, key=lambda name: statistics.median(runs[name]))
+
+
+def measure_ours(items: int, repeat: int, backend: str) -> list[float]:
     with StateFullWorkerPool(2, add_one, backend=backend) as pool:
-        consume(pool.imap(range(items)))  # warm up: the chunk sizer learns the task
-        results["imap"] = best_seconds(lambda: consume(pool.imap(range(items))), repeat)
-        results["imap_unordered"] = best_seconds(
-            lambda: consume(pool.imap_unordered(range(items))), repeat
-        )
-        results["map"] = best_seconds(
-            lambda: consume(r.ret_val for r in pool.map(range(items))), repeat
-        )
-    return results
+        consume(pool.imap(range(items)))  # warm up
+        return [seconds(lambda: consume(pool.imap(range(items)))) for _ in range(repeat)]
 
 
-def measure_ray_hand_batched(items: int, repeat: int, batch: int = 2048) -> float:
+def measure_ray_hand_batched(items: int, repeat: int, batch: int = 2048) -> list[float]:
     import ray
 
     @ray.remote
@@ -100,30 +108,35 @@ def measure_ray_hand_batched(items: int, repeat: int, batch: int = 2048) -> floa
         return total
 
     run()
-    return best_seconds(run, repeat)
+    return [seconds(run) for _ in range(repeat)]
+
+
+def row(name: str, ours: list[float], peer_name: str, peer: list[float], items: int) -> str:
+    median, peer_median = statistics.median(ours), statistics.median(peer)
+    return (
+        f"| {name} | {items / median:,.0f} | {peer_name} | {items / peer_median:,.0f} "
+        f"| **{peer_median / median:.2f}** | {min(peer) / min(ours):.2f} |"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=50_000)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=40)
     parser.add_argument("--ray", action="store_true", help="also compare backend='ray'")
     args = parser.parse_args()
     items, repeat = args.items, args.repeat
-    peers = measure_multiprocessing(items, repeat)
-    ours = measure_ours(items, repeat)
-    rows = [
-        ("imap", ours["imap"], "multiprocessing Pool.imap", *peers["imap"]),
-        ("imap_unordered", ours["imap_unordered"], "Pool.imap_unordered", *peers["imap_unordered"]),
-        ("map (wrappers)", ours["map"], "Pool.imap", *peers["imap"]),
-    ]
-    print(f"{items:,} tiny tasks (x + 1), 2 workers, best of {repeat}; ratio > 1: ours faster")
-    print("| ours | tasks/s | peer | tasks/s | ratio |\n|---|---:|---|---:|---:|")
-    for name, seconds, peer, peer_seconds, chunksize in rows:
-        print(
-            f"| {name} | {items / seconds:,.0f} | {peer} (chunksize={chunksize}) "
-            f"| {items / peer_seconds:,.0f} | {peer_seconds / seconds:.2f} |"
-        )
+    runs = measure_local(items, repeat)
+    ordered, unordered = best_peer(runs, "imap"), best_peer(runs, "imap_unordered")
+    print(
+        f"{items:,} tiny tasks (x + 1), 2 workers, {repeat} interleaved rounds; tasks/s from "
+        "medians; ratio > 1: ours faster"
+    )
+    print("| ours | tasks/s | peer | tasks/s | ratio (medians) | ratio (best runs) |")
+    print("|---|---:|---|---:|---:|---:|")
+    print(row("imap", runs["imap"], ordered, runs[ordered], items))
+    print(row("imap_unordered", runs["imap_unordered"], unordered, runs[unordered], items))
+    print(row("map (wrappers)", runs["map"], ordered, runs[ordered], items))
     if args.ray:
         import ray
 
@@ -133,10 +146,7 @@ def main() -> None:
             ray_ours = measure_ours(items, repeat, backend="ray")
         finally:
             ray.shutdown()
-        print(
-            f"| imap, backend='ray' | {items / ray_ours['imap']:,.0f} | hand-batched Ray tasks "
-            f"| {items / hand:,.0f} | {hand / ray_ours['imap']:.2f} |"
-        )
+        print(row("imap, backend='ray'", ray_ours, "hand-batched Ray tasks", hand, items))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,21 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+#: Python installs its Ctrl-C handler only when SIGINT is not ignored at start-up, and a
+#: non-interactive shell's background job (``make test &``, ``nohup``) starts with SIGINT
+#: ignored: the script would never see the test's Ctrl-C. Every script starts as it would in
+#: a terminal.
+_CTRL_C_AS_IN_A_TERMINAL = (
+    "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+)
+
 
 def start_script(
     tmp_path: Path, source: str, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
     """Start ``source`` as a script with the repository and ``src`` importable."""
     script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(source))
+    script.write_text(_CTRL_C_AS_IN_A_TERMINAL + textwrap.dedent(source))
     pythonpath = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "src")])
     return subprocess.Popen(
         [sys.executable, str(script), *args],

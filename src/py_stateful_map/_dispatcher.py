@@ -182,18 +182,24 @@ class Dispatcher:
     def free_slot(self, *, alone: bool = False) -> WorkerSlot | None:
         """The ready worker with the fewest chunks in hand, if any can take one more.
 
+        Between workers with as many chunks, the one with the fewest items in hand: at the end
+        of a map, the last chunks then go to the worker that will be free first, not twice to
+        the first in the list while another runs dry.
+
         A chunk that must run ``alone`` needs a worker with nothing in hand, and a worker
         running such a chunk takes nothing else until it answers.
         """
         best: WorkerSlot | None = None
+        best_load = (0, 0)
         for slot in self.slots:
             if (
                 slot.accepts(1 if alone else PREFETCH_CHUNKS)
                 and not any(chunk.alone for chunk in slot.in_flight)
                 and self.budget(slot) != 0
-                and (best is None or len(slot.in_flight) < len(best.in_flight))
             ):
-                best = slot
+                load = (len(slot.in_flight), sum(len(chunk.items) for chunk in slot.in_flight))
+                if best is None or load < best_load:
+                    best, best_load = slot, load
         return best
 
     def budget(self, slot: WorkerSlot) -> int | None:

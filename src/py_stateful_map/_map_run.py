@@ -146,32 +146,44 @@ class MapRun:
 
     def _step(self) -> None:
         """Send what can be sent, then wait for the workers (or new input) once."""
-        if self._failure is None:
-            self._fill()
+        prefetched = self._failure is None and self._fill()
         # Wait whenever items are out, or input is awaited (from a feeder thread, or for a
         # worker that is restarting): never spin, never wait when nothing can happen.
         if self._in_progress or not (self._input_done or self._failure is not None):
-            for completion in self._dispatcher.poll(0.0 if self._ready else None):
+            quick = self._ready or prefetched
+            completions = self._dispatcher.poll(0.0 if quick else None)
+            for completion in completions:
                 self._accept(completion)
             if self._failure is not None:  # wait only for what is on a worker now
                 self._in_progress -= self._dispatcher.drop_retries()
+            elif completions:
+                # The workers that answered get their next chunks before the caller takes
+                # the results: in ordered mode one answer may release several chunks' worth,
+                # and a worker left idle while the caller consumes them is lost time.
+                self._fill()
 
     # -- reading and dispatching ----------------------------------------------------------
 
-    def _fill(self) -> None:
+    def _fill(self) -> bool:
+        """Send chunks while workers and the window have room.
+
+        Returns True after handing a worker a second chunk (a prefetch): the caller then
+        looks for answers before sending more. Filling every worker's prefetch in one go took
+        a millisecond of reading and pickling on tiny tasks, while an answer already waiting
+        went unseen and its worker, free, was passed over for the next chunks.
+        """
         if self._chunker is not None:
-            self._fill_planned(self._chunker)
-            return
+            return self._fill_planned(self._chunker)
         dispatcher = self._dispatcher
         while True:
             # Re-runs first (a chunk split by a death or a pickling error lands there, even
             # from the submit just below), then new input while workers and window have room.
             dispatcher.submit_retries()
             if (self._input_done and not self._unsent) or dispatcher.has_retries():
-                return
+                return False
             slot = dispatcher.free_slot()
             if slot is None:
-                return
+                return False
             size = self._sizer.next_size(self._remaining())
             budget = dispatcher.budget(slot)
             if budget is not None:
@@ -179,40 +191,44 @@ class MapRun:
             if not self._unsent:
                 room = self._sizer.window_items - (self._next_read - self._released)
                 if room <= 0:
-                    return
+                    return False
                 if self._intake.checkpoint is not None:  # replayed items need no worker
                     size = max(size, REPLAY_READ)
                 items = self._read(min(size, room))
                 if not items:
-                    return
+                    return False
                 self._unsent.extend(self._take(items))
                 if self._ready and not self._unsent:
-                    return  # hand over replayed results before reading more (bounded memory)
+                    return False  # hand over replayed results before reading more (bounded memory)
                 continue
             chunk = self._unsent.popleft()
             if len(chunk.items) > size:  # read in a larger window than one chunk
                 self._unsent.appendleft(chunk.tail(dispatcher.new_chunk_id, size))
                 chunk = chunk.part(chunk.chunk_id, 0, size)
             self._sizer.observe_bytes(len(chunk.items), dispatcher.submit(slot, chunk))
+            if len(slot.in_flight) > 1:
+                return True
 
-    def _fill_planned(self, chunker: LengthChunker) -> None:
+    def _fill_planned(self, chunker: LengthChunker) -> bool:
         """Length-aware batching: read into the sort window, send planned batches."""
         dispatcher = self._dispatcher
         while True:
             dispatcher.submit_retries()
             if dispatcher.has_retries():
-                return
+                return False
             slot = dispatcher.free_slot()
             if slot is None:
-                return
+                return False
             batches = self._batches_per_chunk
             chunk = chunker.next_chunk(dispatcher.new_chunk_id, dispatcher.run_id, batches)
             if chunk is None:
                 self._read_into_window(chunker)
                 chunk = chunker.next_chunk(dispatcher.new_chunk_id, dispatcher.run_id, batches)
             if chunk is None:
-                return
+                return False
             dispatcher.submit(slot, chunk)
+            if len(slot.in_flight) > 1:
+                return True
 
     def _read_into_window(self, chunker: LengthChunker) -> None:
         """Read until a batch is planned, the read-ahead bound is hit, or the input pauses.
@@ -255,7 +271,10 @@ class MapRun:
         return chunks
 
     def _remaining(self) -> int | None:
-        return None if self._length is None else self._length - self._next_read
+        """Items not yet sent to a worker (unread, or read and waiting in ``_unsent``)."""
+        if self._length is None:
+            return None
+        return self._length - self._next_read + sum(len(chunk.items) for chunk in self._unsent)
 
     def _read(self, size: int) -> list[Any]:
         reader = self._reader

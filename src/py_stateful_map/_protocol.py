@@ -11,8 +11,8 @@ Backend → parent (synthesized, never sent): ``WorkerExited``, ``ResultUnreadab
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
 #: One failed item inside a chunk: (offset in the chunk, exception, worker traceback text).
 ItemError = tuple[int, BaseException, str]
@@ -120,3 +120,48 @@ class WorkerExited:
 
 ToWorker = RunChunk | ResendItemwise | Stop
 FromWorker = Ready | InitFailed | ChunkDone | ChunkUnreadable | ResultUnreadable | WorkerExited
+
+#: Every message class, with its field names in order (``payload`` always last).
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {
+    cls: tuple(field.name for field in fields(cls))
+    for cls in (
+        RunChunk,
+        ResendItemwise,
+        Stop,
+        Ready,
+        InitFailed,
+        ChunkDone,
+        ChunkUnreadable,
+        ResultUnreadable,
+        WorkerExited,
+    )
+}
+#: A message without its payload, as plain values: what a frame's header carries.
+Header = tuple[type, tuple[Any, ...]]
+M = TypeVar("M")
+
+
+def header_of(message: Any) -> Header:
+    """The message's class and its field values but the payload.
+
+    A header pickles as a tuple of plain values: a frozen dataclass unpickles through a
+    ``__setstate__`` that sets each field in Python, and ``dataclasses.replace`` looks the
+    fields up on every call; together they were 6 % of the parent's time on tiny tasks.
+    """
+    cls = type(message)
+    return cls, tuple([getattr(message, name) for name in _FIELD_NAMES[cls][:-1]])
+
+
+def from_header(header: Header) -> Any:
+    """Rebuild a message (payload None) from ``header_of``'s output; refuses other classes."""
+    cls, values = header
+    if cls not in _FIELD_NAMES:
+        raise TypeError(f"{cls!r} is not a message of the worker protocol")
+    return cls(*values)
+
+
+def evolve(message: M, **changes: Any) -> M:
+    """``dataclasses.replace`` for protocol messages, without its per-call field lookup."""
+    cls = type(message)
+    names = _FIELD_NAMES[cls]
+    return cls(*[changes[name] if name in changes else getattr(message, name) for name in names])

@@ -8,7 +8,6 @@ forkserver workers re-import the main script.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import pickle
 import struct
@@ -16,7 +15,16 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ._host_copy import tensor_pickler
-from ._protocol import ChunkDone, FromWorker, InitFailed, ItemError, ResultUnreadable
+from ._protocol import (
+    ChunkDone,
+    FromWorker,
+    InitFailed,
+    ItemError,
+    ResultUnreadable,
+    evolve,
+    from_header,
+    header_of,
+)
 from ._shared_memory import Descriptor, SegmentPool, SegmentReader, out_of_band_pickler
 from .errors import SerializationError
 
@@ -110,9 +118,7 @@ class Codec:
         payload_bytes, descriptors = self._dump_payload(message.payload)
         settled = (self.reader.take_released(), self._removed[:])
         self._removed.clear()
-        header = pickle.dumps(
-            (dataclasses.replace(message, payload=None), descriptors, settled), _PROTOCOL
-        )
+        header = pickle.dumps((header_of(message), descriptors, settled), _PROTOCOL)
         frame = b"".join((_HEADER_SIZE.pack(len(header)), header, payload_bytes))
         self.lent.update(name for name, _ in descriptors)
         return frame, len(payload_bytes) + sum(size for _, size in descriptors)
@@ -135,7 +141,7 @@ class Codec:
         go next to the frame and ``with_payload(..., detached=...)`` puts them back.
         """
         payload_bytes, buffers = _dumps_detached(message.payload)
-        header = pickle.dumps((dataclasses.replace(message, payload=None), [], ([], [])), _PROTOCOL)
+        header = pickle.dumps((header_of(message), [], ([], [])), _PROTOCOL)
         frame = b"".join((_HEADER_SIZE.pack(len(header)), header, payload_bytes))
         return frame, buffers, len(payload_bytes) + sum(b.raw().nbytes for b in buffers)
 
@@ -144,7 +150,8 @@ class Codec:
         (size,) = _HEADER_SIZE.unpack_from(frame)
         view = memoryview(frame)
         end = _HEADER_SIZE.size + size
-        message, descriptors, (released, removed) = pickle.loads(view[_HEADER_SIZE.size : end])
+        header, descriptors, (released, removed) = pickle.loads(view[_HEADER_SIZE.size : end])
+        message = from_header(header)
         if released and self.pool is not None:
             self.lent.difference_update(released)
             self.pool.give_back(released)
@@ -171,7 +178,7 @@ class Codec:
             payload = pickle.loads(raw, buffers=[bytearray(buffer) for buffer in detached])
         else:
             payload = self.reader.loads(raw, descriptors)
-        return dataclasses.replace(message, payload=payload)  # type: ignore[type-var]
+        return evolve(message, payload=payload)
 
 
 def _dumps_detached(payload: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
@@ -202,7 +209,7 @@ def decode_from_worker(
         if isinstance(header, ChunkDone) and raw_payload:  # one copy of the header, not two
             size = len(raw_payload) + sum(nbytes for _, nbytes in descriptors)
             size += sum(memoryview(buffer).nbytes for buffer in detached or ())
-            header = dataclasses.replace(header, payload_bytes=size)
+            header = evolve(header, payload_bytes=size)
         return codec.with_payload(header, raw_payload, descriptors, detached)  # type: ignore[no-any-return]
     except Exception as exc:  # blame the chunk, not the channel; the dispatcher asks again
         # item by item (``ResendItemwise``) to find the items at fault

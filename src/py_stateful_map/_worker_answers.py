@@ -7,11 +7,10 @@ sendable by replacing each value or exception that cannot be pickled with a per-
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from ._protocol import ChunkDone, ChunkUnreadable, InitFailed, ItemError, RunChunk
+from ._protocol import ChunkDone, ChunkUnreadable, InitFailed, ItemError, RunChunk, evolve
 from ._serialization import Codec, dumps
 from ._shared_memory import Descriptor
 from ._worker_runtime import WorkerRuntime
@@ -60,7 +59,7 @@ def make_sendable(message: Any) -> Any:
             )
             fixed_errors.append((offset, error, ""))
     fixed_errors.sort(key=lambda entry: entry[0])
-    return dataclasses.replace(message, payload=(fixed_values, fixed_errors))
+    return evolve(message, payload=(fixed_values, fixed_errors))
 
 
 def _pickle_problem(obj: Any) -> str | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import faulthandler
 import multiprocessing.util
 import os
@@ -36,6 +35,7 @@ from ._protocol import (
     Ready,
     ResendItemwise,
     Stop,
+    evolve,
 )
 from ._serialization import Codec, loads
 from ._shared_memory import SegmentPool, available, prefix_for, unlink_prefix
@@ -75,7 +75,7 @@ def worker_process_main(
         runtime = WorkerRuntime(loads(spec_bytes), retained_answers=RETAINED_ANSWERS)
         greeting: Ready | InitFailed = runtime.start()
         if isinstance(greeting, Ready):  # count the imports unpickling the worker triggered
-            greeting = dataclasses.replace(greeting, init_seconds=time.perf_counter() - started)
+            greeting = evolve(greeting, init_seconds=time.perf_counter() - started)
     except BaseException as exc:  # e.g. the worker's module cannot be imported here
         greeting = InitFailed(pid=os.getpid(), payload=report_error(exc))
     _send(conn, codec, greeting)

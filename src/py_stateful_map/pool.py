@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, NoReturn
 
 from ._checkpoint_run import CheckpointRun
-from ._chunking import ChunkSizer
-from ._dispatcher import Dispatcher, FaultPolicy
+from ._chunking import ChunkMemory, ChunkSizer
+from ._dispatcher import PREFETCH_CHUNKS, Dispatcher, FaultPolicy
 from ._length_batching import LengthBatching
 from ._map_run import MapResult, MapRun
 from ._prefetch import check_prefetch, chunk_batches
@@ -162,6 +162,7 @@ class StateFullWorkerPool(Generic[T]):
         self._owner_pid = os.getpid()
         # A batch is one call, so it is the unit a task_timeout can time; otherwise time items.
         self._chunk_size = batch_size or (1 if task_timeout is not None else chunk_size)
+        self._chunk_memory = ChunkMemory()  # each map's chunk sizes start from the last's
         prefetch = check_prefetch(prefetch)
         self._batches_per_chunk = 1
         if batch_size is not None:  # several batches, so prepare(next) overlaps __call__
@@ -307,7 +308,13 @@ class StateFullWorkerPool(Generic[T]):
             length,
             ordered=ordered,
             behavior=self._behavior,
-            sizer=ChunkSizer(self._slot_count, self._chunk_size, self._backend.chunk_policy),
+            sizer=ChunkSizer(
+                self._slot_count,
+                self._chunk_size,
+                self._backend.chunk_policy,
+                memory=self._chunk_memory,
+                chunks_in_hand=PREFETCH_CHUNKS,
+            ),
             read_input_in_thread=self._read_input_in_thread,
             length_batching=self._length_batching,
             batches_per_chunk=self._batches_per_chunk,

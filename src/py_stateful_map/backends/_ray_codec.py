@@ -14,12 +14,12 @@ that worker's actor (until the pool closes, or recycles or restarts the worker).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import pickle
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
+from .._protocol import evolve
 from .._serialization import DETACH_THRESHOLD, Codec
 from .._shared_memory import Descriptor, out_of_band_pickler
 from ._ray_shipping import cloudpickle_module
@@ -40,7 +40,7 @@ class RayCodec(Codec):
     def encode_with_refs(self, message: Any) -> Encoded:
         """Frame a message; large buffers and object references go beside the frame."""
         payload, buffers, refs = _dump(message.payload)
-        header, _, _ = self.encode_detached(dataclasses.replace(message, payload=None))
+        header, _, _ = self.encode_detached(evolve(message, payload=None))
         size = len(payload) + sum(buffer.raw().nbytes for buffer in buffers)
         return header + payload, buffers, refs, size  # frame: len(header) | header | payload
 
@@ -65,7 +65,7 @@ class RayCodec(Codec):
         buffers = [bytearray(buffer) for buffer in detached or ()]  # writable, as elsewhere
         unpickler = pickle.Unpickler(io.BytesIO(raw), buffers=buffers)
         unpickler.persistent_load = self._incoming.__getitem__  # type: ignore[method-assign]
-        return dataclasses.replace(message, payload=unpickler.load())  # type: ignore[type-var]
+        return evolve(message, payload=unpickler.load())
 
 
 def _dump(payload: Any) -> tuple[bytes, list[pickle.PickleBuffer], list[Any]]:
