@@ -203,9 +203,7 @@ def _measure_embedding(directory: str, count: int) -> list[Any]:
     ) as pool:
         list(pool.imap(Corpus(64)))  # warm up: model loaded, tokenizer ready
         plain = _timed(lambda: list(pool.imap(corpus)))
-        checkpointed = _timed(
-            lambda: list(pool.imap(corpus, checkpoint=f"{directory}/embed.ckpt"))
-        )
+        checkpointed = _timed(lambda: list(pool.imap(corpus, checkpoint=f"{directory}/embed.ckpt")))
         plain_again = _timed(lambda: list(pool.imap(corpus)))
     plain = min(plain, plain_again)  # the machine drifts: bracket the checkpointed run
     return [

@@ -54,11 +54,13 @@ def test_the_next_map_starts_from_the_last_maps_estimate_within_a_fair_share() -
     memory = ChunkMemory()
     first = ChunkSizer(2, memory=memory, chunks_in_hand=2)
     first.next_size(50_000)
-    first.observe(4096, 4096 * 1e-7)
+    first.observe(4096, 4096 * 5e-8)
     assert memory.seconds_per_item is not None
     second = ChunkSizer(2, memory=memory, chunks_in_hand=2)
-    # Tiny items: no ramp from one item, but no more than a quarter of the map at once.
+    # Tiny items: no ramp from one item, but no more than a quarter of the map at once,
+    # until this map's first answer.
     assert second.next_size(50_000) == 50_000 // 4
+    assert second.next_size(50_000 - 12_500) == 50_000 // 4
     assert second.window_items >= 50_000 // 4  # the read-ahead lets that chunk be read
 
 

@@ -83,6 +83,7 @@ class ChunkSizer:
         self._memory = memory
         self._prior = None if memory is None else memory.seconds_per_item
         self._chunks_in_hand = max(1, chunks_in_hand)
+        self._fair_share: int | None = None
         self._seconds_per_item: float | None = None
         self._recent_seconds = 0.0  # decayed sums over recent chunks: seconds / items is
         self._recent_items = 0.0  # the estimate
@@ -124,7 +125,9 @@ class ChunkSizer:
             if self._prior is None or remaining is None:
                 return 1  # learn the task's cost before committing many items to one worker
             seconds_per_item = self._prior
-            growth_cap = max(1, remaining // (self._workers * self._chunks_in_hand))
+            if self._fair_share is None:  # of the whole map: fixed at its first chunk
+                self._fair_share = max(1, remaining // (self._workers * self._chunks_in_hand))
+            growth_cap = self._fair_share
         policy = self._policy
         size = int(policy.target_seconds / seconds_per_item)
         if self._bytes_per_item:
