@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from itertools import pairwise
 
-from py_stateful_map._chunking import LOCAL_POLICY, ChunkMemory, ChunkSizer
+from py_stateful_map._chunking import FIRST_CHUNK_PARTS, LOCAL_POLICY, ChunkMemory, ChunkSizer
 
 
 def test_a_first_map_starts_with_one_item_and_grows_at_most_eightfold() -> None:
@@ -52,24 +52,26 @@ def test_slow_items_go_one_per_chunk() -> None:
 
 def test_the_next_map_starts_from_the_last_maps_estimate_within_a_fair_share() -> None:
     memory = ChunkMemory()
-    first = ChunkSizer(2, memory=memory, chunks_in_hand=2)
+    first = ChunkSizer(2, memory=memory)
     first.next_size(50_000)
     first.observe(4096, 4096 * 5e-8)
     assert memory.seconds_per_item is not None
-    second = ChunkSizer(2, memory=memory, chunks_in_hand=2)
-    # Tiny items: no ramp from one item, but no more than a quarter of the map at once,
-    # until this map's first answer.
-    assert second.next_size(50_000) == 50_000 // 4
-    assert second.next_size(50_000 - 12_500) == 50_000 // 4
-    assert second.window_items >= 50_000 // 4  # the read-ahead lets that chunk be read
+    second = ChunkSizer(2, memory=memory)
+    # Tiny items: no ramp from one item, but no more than a share of what is left, until
+    # this map's first answer.
+    parts = 2 * FIRST_CHUNK_PARTS
+    assert second.next_size(50_000) == 50_000 // parts
+    assert second.next_size(50_000 - 50_000 // parts) == (50_000 - 50_000 // parts) // parts
+    assert second.window_items >= 50_000 // parts  # the read-ahead lets that chunk be read
 
 
 def test_a_remembered_estimate_never_hands_one_worker_more_than_its_share() -> None:
-    """After a map of tiny items, a map of 8 slow items: each worker still gets a part of
-    it (the last map's estimate would have put all 8 in one chunk)."""
+    """After a map of tiny items, a map of 24 slow items: each worker still gets a part of
+    it (the last map's estimate would have put all 24 in one chunk)."""
     memory = ChunkMemory(seconds_per_item=1e-7)
-    sizer = ChunkSizer(2, memory=memory, chunks_in_hand=2)
-    assert sizer.next_size(8) == 2
+    sizer = ChunkSizer(2, memory=memory)
+    assert sizer.next_size(24) == 24 // (2 * FIRST_CHUNK_PARTS)
+    assert sizer.next_size(3) == 1
 
 
 def test_an_input_of_unknown_length_ignores_the_remembered_estimate() -> None:

@@ -17,6 +17,12 @@ MAX_CHUNK_BYTES = 8 * 1024 * 1024
 
 #: How much of the previous estimate's evidence a new chunk's timing leaves standing.
 RECENT_WEIGHT = 0.7
+#: Before a map's first answer, a chunk sized from the last map's estimate holds at most
+#: 1/(workers x this) of what is left. Smaller first chunks bring the first answers back
+#: sooner, and each one is smaller than the one before. Measured on 50,000 tiny tasks, 2
+#: workers, medians of 60 interleaved rounds: 8.35 ms at 2, 7.67 ms at 6, 7.82 ms at 8
+#: (``multiprocessing.Pool.imap`` at its best chunk size: 11.25 ms in the same rounds).
+FIRST_CHUNK_PARTS = 6
 
 
 @dataclass(frozen=True)
@@ -62,10 +68,10 @@ class ChunkSizer:
     """Chooses each chunk's size from measured per-item worker time (or a fixed size).
 
     A map of known length whose pool already ran a map starts from that map's estimate, but
-    its first chunks hold no more than a fair share of the map (``chunks_in_hand`` chunks per
-    worker): if its items are much slower than the last map's, each worker still gets an
-    equal part, and the map's own measurements take over at the first answer. An input of
-    unknown length starts from one item, as a first map does.
+    until its first answer each chunk holds no more than a share of what is left
+    (``FIRST_CHUNK_PARTS`` per worker): if its items are much slower than the last map's, each
+    worker still gets a part, and the map's own measurements take over at the first answer.
+    An input of unknown length starts from one item, as a first map does.
     """
 
     def __init__(
@@ -75,15 +81,12 @@ class ChunkSizer:
         policy: ChunkPolicy = LOCAL_POLICY,
         *,
         memory: ChunkMemory | None = None,
-        chunks_in_hand: int = 2,
     ) -> None:
         self._workers = max(1, num_workers)
         self._fixed = fixed
         self._policy = policy
         self._memory = memory
         self._prior = None if memory is None else memory.seconds_per_item
-        self._chunks_in_hand = max(1, chunks_in_hand)
-        self._fair_share: int | None = None
         self._seconds_per_item: float | None = None
         self._recent_seconds = 0.0  # decayed sums over recent chunks: seconds / items is
         self._recent_items = 0.0  # the estimate
@@ -125,9 +128,7 @@ class ChunkSizer:
             if self._prior is None or remaining is None:
                 return 1  # learn the task's cost before committing many items to one worker
             seconds_per_item = self._prior
-            if self._fair_share is None:  # of the whole map: fixed at its first chunk
-                self._fair_share = max(1, remaining // (self._workers * self._chunks_in_hand))
-            growth_cap = self._fair_share
+            growth_cap = max(1, remaining // (self._workers * FIRST_CHUNK_PARTS))
         policy = self._policy
         size = int(policy.target_seconds / seconds_per_item)
         if self._bytes_per_item:

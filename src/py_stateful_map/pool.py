@@ -19,7 +19,7 @@ from typing import Any, Generic, NoReturn
 
 from ._checkpoint_run import CheckpointRun
 from ._chunking import ChunkMemory, ChunkSizer
-from ._dispatcher import PREFETCH_CHUNKS, Dispatcher, FaultPolicy
+from ._dispatcher import Dispatcher, FaultPolicy
 from ._length_batching import LengthBatching
 from ._map_run import MapResult, MapRun
 from ._prefetch import check_prefetch, chunk_batches
@@ -313,7 +313,6 @@ class StateFullWorkerPool(Generic[T]):
                 self._chunk_size,
                 self._backend.chunk_policy,
                 memory=self._chunk_memory,
-                chunks_in_hand=PREFETCH_CHUNKS,
             ),
             read_input_in_thread=self._read_input_in_thread,
             length_batching=self._length_batching,
