@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from itertools import pairwise
 
-from py_stateful_map._chunking import FIRST_CHUNK_PARTS, LOCAL_POLICY, ChunkMemory, ChunkSizer
+from py_stateful_map._chunking import LOCAL_POLICY, ChunkMemory, ChunkSizer
+
+FIRST_CHUNK_PARTS = LOCAL_POLICY.first_chunk_parts
 
 
 def test_a_first_map_starts_with_one_item_and_grows_at_most_eightfold() -> None:

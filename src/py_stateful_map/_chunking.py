@@ -17,12 +17,6 @@ MAX_CHUNK_BYTES = 8 * 1024 * 1024
 
 #: How much of the previous estimate's evidence a new chunk's timing leaves standing.
 RECENT_WEIGHT = 0.7
-#: Before a map's first answer, a chunk sized from the last map's estimate holds at most
-#: 1/(workers x this) of what is left. Smaller first chunks bring the first answers back
-#: sooner, and each one is smaller than the one before. Measured on 50,000 tiny tasks, 2
-#: workers, medians of 60 interleaved rounds: 8.35 ms at 2, 7.67 ms at 6, 7.82 ms at 8
-#: (``multiprocessing.Pool.imap`` at its best chunk size: 11.25 ms in the same rounds).
-FIRST_CHUNK_PARTS = 6
 
 
 @dataclass(frozen=True)
@@ -36,6 +30,11 @@ class ChunkPolicy:
     max_items: int
     #: Worker time below which a chunk is not split further at the end of a sized input.
     tail_seconds: float
+    #: Before a map's first answer, a chunk sized from the last map's estimate holds at most
+    #: 1/(workers x this) of what is left: smaller first chunks bring the first answers back
+    #: sooner, each one smaller than the one before, where a message is cheap; few and large
+    #: ones where it is not.
+    first_chunk_parts: int = 1
 
 
 #: A pipe or a queue: 50-100 µs per message, parent and worker together (measured with
@@ -43,7 +42,12 @@ class ChunkPolicy:
 #: chunks of 4096 and 6.0 ms in chunks of 8192). At most 16384 items: a chunk of
 #: microsecond items still holds no more than the target's worth of work, and 16384 small
 #: values are a few hundred KB each way.
-LOCAL_POLICY = ChunkPolicy(target_seconds=0.02, max_items=16384, tail_seconds=0.001)
+#: First chunks: measured on 50,000 tiny tasks, 2 workers, medians of 60 interleaved rounds:
+#: 8.35 ms at 2 parts, 7.67 ms at 6, 7.82 ms at 8 (``multiprocessing.Pool.imap`` at its best
+#: chunk size: 11.25 ms in the same rounds).
+LOCAL_POLICY = ChunkPolicy(
+    target_seconds=0.02, max_items=16384, tail_seconds=0.001, first_chunk_parts=6
+)
 #: A Ray actor call costs about a millisecond of CPU spread over the driver, the actor's RPC
 #: threads and the object store, and on a busy node that CPU is taken from the workers
 #: themselves: chunks carry ~10x more work. At most 16384 items: a chunk of small values then
@@ -69,9 +73,9 @@ class ChunkSizer:
 
     A map of known length whose pool already ran a map starts from that map's estimate, but
     until its first answer each chunk holds no more than a share of what is left
-    (``FIRST_CHUNK_PARTS`` per worker): if its items are much slower than the last map's, each
-    worker still gets a part, and the map's own measurements take over at the first answer.
-    An input of unknown length starts from one item, as a first map does.
+    (``ChunkPolicy.first_chunk_parts`` per worker): if its items are much slower than the last
+    map's, each worker still gets a part, and the map's own measurements take over at the
+    first answer. An input of unknown length starts from one item, as a first map does.
     """
 
     def __init__(
@@ -128,7 +132,7 @@ class ChunkSizer:
             if self._prior is None or remaining is None:
                 return 1  # learn the task's cost before committing many items to one worker
             seconds_per_item = self._prior
-            growth_cap = max(1, remaining // (self._workers * FIRST_CHUNK_PARTS))
+            growth_cap = max(1, remaining // (self._workers * self._policy.first_chunk_parts))
         policy = self._policy
         size = int(policy.target_seconds / seconds_per_item)
         if self._bytes_per_item:
