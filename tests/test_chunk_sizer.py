@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from itertools import pairwise
 
-from py_stateful_map._chunking import LOCAL_POLICY, ChunkMemory, ChunkSizer
+from py_stateful_map._chunking import (
+    LOCAL_POLICY,
+    MAX_CHUNK_BYTES,
+    PROBE_ITEMS,
+    ChunkMemory,
+    ChunkSizer,
+)
 
 FIRST_CHUNK_PARTS = LOCAL_POLICY.first_chunk_parts
 
@@ -59,12 +65,24 @@ def test_the_next_map_starts_from_the_last_maps_estimate_within_a_fair_share() -
     first.observe(4096, 4096 * 5e-8)
     assert memory.seconds_per_item is not None
     second = ChunkSizer(2, memory=memory)
-    # Tiny items: no ramp from one item, but no more than a share of what is left, until
-    # this map's first answer.
+    # A probe measures this map's items; then no ramp from one item, but no more than a
+    # share of what is left, until this map's first answer.
+    assert second.next_size(50_000) == PROBE_ITEMS
+    second.observe_bytes(PROBE_ITEMS, 5 * PROBE_ITEMS)  # small ints
+    left = 50_000 - PROBE_ITEMS
     parts = 2 * FIRST_CHUNK_PARTS
-    assert second.next_size(50_000) == 50_000 // parts
-    assert second.next_size(50_000 - 50_000 // parts) == (50_000 - 50_000 // parts) // parts
-    assert second.window_items >= 50_000 // parts  # the read-ahead lets that chunk be read
+    assert second.next_size(left) == left // parts
+    assert second.next_size(left - left // parts) == (left - left // parts) // parts
+    assert second.window_items >= left // parts  # the read-ahead lets that chunk be read
+
+
+def test_large_items_after_small_ones_go_a_few_at_a_time() -> None:
+    """4 MB arrays after a map of ints: the probe's bytes cap the next chunks, where the
+    last map's estimate alone would send a sixth of the map per chunk (hundreds of MB)."""
+    sizer = ChunkSizer(2, memory=ChunkMemory(seconds_per_item=1e-7))
+    assert sizer.next_size(1000) == PROBE_ITEMS
+    sizer.observe_bytes(PROBE_ITEMS, PROBE_ITEMS * 4 * 1024 * 1024)
+    assert sizer.next_size(1000 - PROBE_ITEMS) == MAX_CHUNK_BYTES // (4 * 1024 * 1024)
 
 
 def test_a_remembered_estimate_never_hands_one_worker_more_than_its_share() -> None:
@@ -72,6 +90,7 @@ def test_a_remembered_estimate_never_hands_one_worker_more_than_its_share() -> N
     it (the last map's estimate would have put all 24 in one chunk)."""
     memory = ChunkMemory(seconds_per_item=1e-7)
     sizer = ChunkSizer(2, memory=memory)
+    sizer.observe_bytes(1, 30)  # this map's items are small
     assert sizer.next_size(24) == 24 // (2 * FIRST_CHUNK_PARTS)
     assert sizer.next_size(3) == 1
 

@@ -17,6 +17,9 @@ MAX_CHUNK_BYTES = 8 * 1024 * 1024
 
 #: How much of the previous estimate's evidence a new chunk's timing leaves standing.
 RECENT_WEIGHT = 0.7
+#: Items in a map's first chunk when the chunk size comes from the last map's estimate: the
+#: bytes they pickle to size the next chunks (``MAX_CHUNK_BYTES``).
+PROBE_ITEMS = 8
 
 
 @dataclass(frozen=True)
@@ -42,11 +45,13 @@ class ChunkPolicy:
 #: chunks of 4096 and 6.0 ms in chunks of 8192). At most 16384 items: a chunk of
 #: microsecond items still holds no more than the target's worth of work, and 16384 small
 #: values are a few hundred KB each way.
-#: First chunks: measured on 50,000 tiny tasks, 2 workers, medians of 60 interleaved rounds:
-#: 8.35 ms at 2 parts, 7.67 ms at 6, 7.82 ms at 8 (``multiprocessing.Pool.imap`` at its best
-#: chunk size: 11.25 ms in the same rounds).
+#: Measured on 50,000 tiny tasks, 2 workers, medians of 60 interleaved rounds (ms per map):
+#: first chunks 8.35 at 2 parts, 7.67 at 6, 7.82 at 8 (``multiprocessing.Pool.imap`` at its
+#: best chunk size: 11.25); tail floor 7.45 at 1 ms, 6.80 at 0.3 ms, 6.27 and 6.68 at 0.1 ms
+#: (two runs), 6.26 at 0.03 ms, 7.60 with none (``Pool.imap``: 8.6): a short last chunk lets
+#: the caller's last results come sooner, until round trips cost more than that saves.
 LOCAL_POLICY = ChunkPolicy(
-    target_seconds=0.02, max_items=16384, tail_seconds=0.001, first_chunk_parts=6
+    target_seconds=0.02, max_items=16384, tail_seconds=0.0001, first_chunk_parts=6
 )
 #: A Ray actor call costs about a millisecond of CPU spread over the driver, the actor's RPC
 #: threads and the object store, and on a busy node that CPU is taken from the workers
@@ -65,7 +70,6 @@ class ChunkMemory:
     """
 
     seconds_per_item: float | None = None
-    bytes_per_item: float = 0.0
 
 
 class ChunkSizer:
@@ -94,7 +98,8 @@ class ChunkSizer:
         self._seconds_per_item: float | None = None
         self._recent_seconds = 0.0  # decayed sums over recent chunks: seconds / items is
         self._recent_items = 0.0  # the estimate
-        self._bytes_per_item = 0.0 if memory is None else memory.bytes_per_item
+        self._bytes_per_item = 0.0
+        self._bytes_seen = False  # this map has sent a chunk, so its items' size is known
         self._largest = 1
 
     def observe(self, items: int, busy_seconds: float) -> None:
@@ -118,9 +123,8 @@ class ChunkSizer:
     def observe_bytes(self, items: int, payload_bytes: int) -> None:
         """Remember the largest per-item payload seen (inputs or results)."""
         if items > 0:
+            self._bytes_seen = True
             self._bytes_per_item = max(self._bytes_per_item, payload_bytes / items)
-            if self._memory is not None:
-                self._memory.bytes_per_item = self._bytes_per_item
 
     def next_size(self, remaining: int | None) -> int:
         """Size of the next chunk; ``remaining`` is the known number of unread items, if any."""
@@ -133,6 +137,10 @@ class ChunkSizer:
                 return 1  # learn the task's cost before committing many items to one worker
             seconds_per_item = self._prior
             growth_cap = max(1, remaining // (self._workers * self._policy.first_chunk_parts))
+            if not self._bytes_seen:
+                # This map's items may be far larger than the last map's (4 MB arrays after
+                # ints): a first chunk of a few items measures them before larger ones go out.
+                growth_cap = min(growth_cap, PROBE_ITEMS)
         policy = self._policy
         size = int(policy.target_seconds / seconds_per_item)
         if self._bytes_per_item:
