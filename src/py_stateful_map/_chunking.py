@@ -40,18 +40,22 @@ class ChunkPolicy:
     first_chunk_parts: int = 1
 
 
-#: A pipe or a queue: 50-100 µs per message, parent and worker together (measured with
-#: ``benchmarks/bench_values.py``: 50,000 tiny tasks took 8.4 ms in chunks of 2048, 7.0 ms in
-#: chunks of 4096 and 6.0 ms in chunks of 8192). At most 16384 items: a chunk of
-#: microsecond items still holds no more than the target's worth of work, and 16384 small
-#: values are a few hundred KB each way.
-#: Measured on 50,000 tiny tasks, 2 workers, medians of 60 interleaved rounds (ms per map):
-#: first chunks 8.35 at 2 parts, 7.67 at 6, 7.82 at 8 (``multiprocessing.Pool.imap`` at its
-#: best chunk size: 11.25); tail floor 7.45 at 1 ms, 6.80 at 0.3 ms, 6.27 and 6.68 at 0.1 ms
-#: (two runs), 6.26 at 0.03 ms, 7.60 with none (``Pool.imap``: 8.6): a short last chunk lets
-#: the caller's last results come sooner, until round trips cost more than that saves.
+#: A pipe or a queue: 50-100 µs per message, parent and worker together (with a fixed chunk
+#: size, 50,000 tiny tasks took 8.4 ms in chunks of 2048, 7.0 ms in chunks of 4096 and 6.0 ms
+#: in chunks of 8192). Measured with the sizer on 50,000 tiny tasks, 2 workers, medians of 60
+#: interleaved rounds (ms per map; ``multiprocessing.Pool.imap`` at its best chunk size in the
+#: same rounds in brackets):
+#:
+#: - ``max_items``: 7.48 / 7.08 at 16384, 6.26 / 6.00 at 8192, 6.13 at 12288, 6.29 at 4096
+#:   (8.95 / 9.35): more chunks in flight overlap the caller's work with the workers'. 8192
+#:   also keeps the read-ahead of an endless input (4 chunks per worker) at 65,536 items for
+#:   two workers.
+#: - ``first_chunk_parts``: 8.35 at 2, 7.67 at 6, 7.82 at 8 (11.25).
+#: - ``tail_seconds``: 7.45 at 1 ms, 6.80 at 0.3 ms, 6.27 and 6.68 at 0.1 ms (two runs), 6.26
+#:   at 0.03 ms, 7.60 with none (8.6): a short last chunk brings the last results sooner,
+#:   until the round trips cost more than that saves.
 LOCAL_POLICY = ChunkPolicy(
-    target_seconds=0.02, max_items=16384, tail_seconds=0.0001, first_chunk_parts=6
+    target_seconds=0.02, max_items=8192, tail_seconds=0.0001, first_chunk_parts=6
 )
 #: A Ray actor call costs about a millisecond of CPU spread over the driver, the actor's RPC
 #: threads and the object store, and on a busy node that CPU is taken from the workers
