@@ -399,6 +399,52 @@ def test_torch_tensors_round_trip_bit_exact(worker: Callable[[Any], Any], backen
 # -- no leaks ------------------------------------------------------------------------------
 
 
+def test_ctrl_c_while_a_segment_is_filled_leaves_no_segment(monkeypatch: Any) -> None:
+    """A KeyboardInterrupt during the copy into a fresh segment (CI caught one with a real
+    Ctrl-C): the segment must still be one that ``close()`` removes."""
+    pool = shm.SegmentPool(f"{shm.prefix_for(os.getpid())}ctrlc-")
+    create = pool._create
+
+    class InterruptedCopy:
+        """Stands for the segment's mapping: the copy into it is interrupted."""
+
+        def __init__(self, mapping: Any) -> None:
+            self.mapping = mapping
+
+        def __setitem__(self, key: Any, value: Any) -> None:
+            raise KeyboardInterrupt
+
+    def create_then_interrupt(capacity: int) -> Any:
+        segment = create(capacity)
+        assert segment is not None
+        interrupted = InterruptedCopy(segment.mapping)
+        segment.mapping = interrupted  # type: ignore[assignment]
+        return segment
+
+    monkeypatch.setattr(pool, "_create", create_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        pool.dumps(np.zeros(1 << 20, dtype=np.float32))
+    assert segments(directory=shm.SHM_DIR) != []  # the segment exists, kept for reuse
+    monkeypatch.undo()
+    for segment in pool._free:
+        if isinstance(segment.mapping, InterruptedCopy):
+            segment.mapping = segment.mapping.mapping
+    pool.close()
+    assert [name for name in segments() if "ctrlc-" in name] == []
+
+
+def test_closing_a_segment_pool_removes_segments_it_lost_track_of() -> None:
+    """A Ctrl-C between creating a segment's file and recording it leaves a file no list
+    knows: ``close()`` sweeps the pool's whole prefix."""
+    prefix = f"{shm.prefix_for(os.getpid())}stray-"
+    pool = shm.SegmentPool(prefix)
+    stray = shm.SHM_DIR / f"{prefix}7"
+    shm._track(stray.name)  # as _create does, before the file exists
+    stray.write_bytes(b"left by an interrupted _create")
+    pool.close()
+    assert not stray.exists()
+
+
 def test_segments_are_reused_and_removed_after_normal_maps() -> None:
     before = segments()
     sent = [large_array_for(i) for i in range(40)]
