@@ -30,6 +30,10 @@ from py_stateful_map import StateFullWorkerPool
 
 CHUNK_SIZES = (256, 1024, 4096, 8192, 16384)
 RAY_BATCHES = (2048, 8192, 25000)
+#: Pause before each timed Ray run: Ray frees a run's objects after it returns (a hand-batched
+#: run's 125 KB lists live in the object store), and without a pause that work landed in
+#: whichever contender ran next.
+SETTLE_SECONDS = 0.05
 
 
 def add_one(x: int) -> int:
@@ -117,6 +121,7 @@ def measure_ray(items: int, repeat: int) -> dict[str, list[float]]:
             run()  # warm up
         for _ in range(repeat):
             for name, run in contenders.items():
+                time.sleep(SETTLE_SECONDS)
                 runs.setdefault(name, []).append(seconds(run))
     return runs
 

@@ -12,6 +12,7 @@ from py_stateful_map._chunking import (
     LOCAL_POLICY,
     MAX_CHUNK_BYTES,
     PROBE_ITEMS,
+    REMOTE_POLICY,
     ChunkMemory,
     ChunkSizer,
 )
@@ -83,6 +84,33 @@ def test_large_items_after_small_ones_go_a_few_at_a_time() -> None:
     assert sizer.next_size(1000) == PROBE_ITEMS
     sizer.observe_bytes(PROBE_ITEMS, PROBE_ITEMS * 4 * 1024 * 1024)
     assert sizer.next_size(1000 - PROBE_ITEMS) == MAX_CHUNK_BYTES // (4 * 1024 * 1024)
+
+
+def test_on_ray_a_probes_fixed_cost_does_not_shrink_the_next_chunks() -> None:
+    """The 8-item probe measured 47 us after a pause (6 us an item, 150x the last map's
+    0.04 us): on Ray, where every call costs a millisecond, that short a measurement may not
+    raise the estimate, so the map goes on in full-size chunks (7 calls became 5)."""
+    for policy in (REMOTE_POLICY, LOCAL_POLICY):
+        sizer = ChunkSizer(2, policy=policy, memory=ChunkMemory(seconds_per_item=4e-8))
+        assert sizer.next_size(50_000) == PROBE_ITEMS
+        sizer.observe_bytes(PROBE_ITEMS, 3 * PROBE_ITEMS)
+        left = 50_000 - PROBE_ITEMS
+        first = sizer.next_size(left)  # sent before the probe's answer
+        sizer.observe(PROBE_ITEMS, 47e-6)
+        after = sizer.next_size(left - first)
+        if policy is REMOTE_POLICY:
+            assert first == after == REMOTE_POLICY.max_items
+        else:  # on pipes the answer is taken at face value: smaller chunks are cheap there
+            assert after == int(LOCAL_POLICY.target_seconds / (47e-6 / PROBE_ITEMS)) < first
+
+
+def test_on_ray_a_probe_of_slow_items_moves_the_estimate_at_once() -> None:
+    """8 items of a millisecond after a map of tiny ones: past the trusted time, so the next
+    chunks are sized from them (a few items), not from the last map (thousands)."""
+    sizer = ChunkSizer(2, policy=REMOTE_POLICY, memory=ChunkMemory(seconds_per_item=4e-8))
+    sizer.observe_bytes(PROBE_ITEMS, 3 * PROBE_ITEMS)
+    sizer.observe(PROBE_ITEMS, PROBE_ITEMS * 1e-3)
+    assert sizer.next_size(10_000) <= int(REMOTE_POLICY.target_seconds / 1e-3)
 
 
 def test_a_remembered_estimate_never_hands_one_worker_more_than_its_share() -> None:

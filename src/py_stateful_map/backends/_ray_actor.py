@@ -1,18 +1,21 @@
 """The side of the Ray backend that runs inside each actor (see ``ray.py`` for the whole).
 
-User code runs in one executor thread, one chunk at a time in the order the parent numbered
-them; the event loop only admits calls and answers ``ping()``. Nothing user code raises may
-reach the loop: asyncio re-raises ``SystemExit`` and ``KeyboardInterrupt`` out of it
-(``asyncio.Task.__step``), after which the actor answered nothing again while its process lived
-on, so every map hung (issue 17). Constructors and items report them like any exception; our
-own code failing that way makes the answer ``fatal`` and the parent reports the actor dead.
+The actor is a threaded one with three concurrency groups (``CONCURRENCY_GROUPS``): chunks,
+the never-answered ``watch()`` call, and ``ping()``. User code runs in one executor thread,
+one chunk at a time in the order the parent numbered them; Ray's threads only admit calls and
+answer ``ping()``. An async actor did the same through its event loop but cost 0.4 ms more
+CPU in the actor per call (0.87 against 0.48 ms, measured: benchmarks/RESULTS.md), a fifth
+of the actors' CPU on a map of tiny tasks. Nothing user code raises may escape the executor
+thread: ``SystemExit`` and ``KeyboardInterrupt`` are reported like any exception (issue 17:
+on the async actor they stopped its event loop for good); our own code failing that way makes
+the answer ``fatal`` and the parent reports the actor dead.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -23,6 +26,14 @@ from .._worker_answers import RETAINED_ANSWERS, make_sendable, run_encoded_chunk
 from .._worker_runtime import WorkerRuntime, format_exception_text
 from ._ray_codec import RayCodec
 from ._ray_devices import with_assigned_devices
+
+#: Ray threads per concurrency group. Calls for chunks wait in their thread for their turn
+#: (Ray runs a threaded actor's calls in no guaranteed order), so that group needs a thread
+#: for every call the parent can have outstanding on one actor: ``PREFETCH_CHUNKS`` chunks
+#: and the resends asked for their answers, far below 16.
+CONCURRENCY_GROUPS = {"chunks": 16, "watch": 1, "control": 1}
+#: The concurrency group of each method the parent calls.
+METHOD_GROUPS = {"start": "chunks", "run_chunk": "chunks", "watch": "watch", "ping": "control"}
 
 
 class Answer(NamedTuple):
@@ -46,35 +57,34 @@ class ActorWorker:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="py_stateful_map-actor")
         self._codec = RayCodec()
         self._next_seq = 0
-        self._turn = asyncio.Condition()
+        self._turn = threading.Condition()
+        self._never = threading.Event()
 
-    async def start(self) -> Answer:
+    def start(self) -> Answer:
         """Build the user's state (call number 0); answers a Ready or InitFailed frame."""
-        return await self._in_turn(0, self._start)
+        return self._in_turn(0, self._start)
 
-    async def run_chunk(
-        self, seq: int, frame: bytes, buffers: list[Any], refs: list[Any]
-    ) -> Answer:
+    def run_chunk(self, seq: int, frame: bytes, buffers: list[Any], refs: list[Any]) -> Answer:
         """Run one RunChunk frame (answers ChunkDone or ChunkUnreadable), or answer a
         ResendItemwise frame (an itemwise ChunkDone) in its turn, after the chunks before it."""
-        return await self._in_turn(seq, functools.partial(self._run, frame, buffers, refs))
+        return self._in_turn(seq, functools.partial(self._run, frame, buffers, refs))
 
-    async def watch(self) -> None:
+    def watch(self) -> None:
         """Never returns: its reference fails when the actor dies."""
-        await asyncio.Event().wait()
+        self._never.wait()
 
-    async def ping(self) -> None:
-        """Answered by the event loop at once, whatever user code is doing: a liveness probe."""
+    def ping(self) -> None:
+        """Answered by a thread of its own at once, whatever user code is doing: a liveness
+        probe (only native code holding the GIL keeps it waiting)."""
 
-    async def _in_turn(self, seq: int, call: Callable[[], Answer]) -> Answer:
-        async with self._turn:
-            await self._turn.wait_for(lambda: self._next_seq == seq)
+    def _in_turn(self, seq: int, call: Callable[[], Answer]) -> Answer:
+        with self._turn:
+            self._turn.wait_for(lambda: self._next_seq == seq)
             # The one-thread executor is first in, first out: queue the next call right away.
-            loop = asyncio.get_running_loop()
-            done = loop.run_in_executor(self._thread, _never_raises, call)
+            done = self._thread.submit(_never_raises, call)
             self._next_seq += 1
             self._turn.notify_all()
-        return await done
+        return done.result()
 
     def _start(self) -> Answer:
         try:
@@ -109,8 +119,8 @@ class ActorWorker:
 
 
 def _never_raises(call: Callable[[], Answer]) -> Answer:
-    """Run ``call`` in the executor thread; nothing it raises may reach the event loop."""
+    """Run ``call`` in the executor thread; nothing it raises may reach Ray's thread."""
     try:
         return call()
-    except BaseException as exc:  # SystemExit would stop the loop for good (see module doc)
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt too (see module doc)
         return Answer(b"", [], [], fatal=format_exception_text(exc))
