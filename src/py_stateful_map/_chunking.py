@@ -8,7 +8,7 @@ worker time, the way an expert hand-tunes ``multiprocessing.Pool.imap(chunksize=
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 #: Bytes one chunk may carry either way: large items (images, arrays) go a few at a time, so
 #: memory in flight stays bounded and work still spreads over the workers.
@@ -17,8 +17,11 @@ MAX_CHUNK_BYTES = 8 * 1024 * 1024
 
 #: How much of the previous estimate's evidence a new chunk's timing leaves standing.
 RECENT_WEIGHT = 0.7
-#: Items in a map's first chunk when the chunk size comes from the last map's estimate: the
-#: bytes they pickle to size the next chunks (``MAX_CHUNK_BYTES``).
+#: Items read alone at the start of a map whose chunk size comes from the last map's estimate:
+#: the caller pickles them to learn this map's item size before reading a full chunk
+#: (``MAX_CHUNK_BYTES``), so 4 MB arrays after a map of ints are not read a sixth of the map at
+#: a time. They then travel in the first chunk; only items plain pickle cannot measure go as a
+#: chunk of their own, measured as they are sent.
 PROBE_ITEMS = 8
 
 
@@ -45,6 +48,14 @@ class ChunkPolicy:
     #: calls it did not need. A slow map still moves the estimate at once (8 items of 1 ms are
     #: past a millisecond). Zero: a map trusts its own first answer.
     trusted_seconds: float = 0.0
+    #: Whether chunks are pickled on their way to a worker: only then do their bytes bound a
+    #: chunk (``MAX_CHUNK_BYTES``) and are a map's first items measured.
+    pickles_items: bool = True
+    #: Whether the ``PROBE_ITEMS`` measured at the start of a map go to a worker as a chunk of
+    #: their own (measured as they are sent) rather than pickled once more in the caller and
+    #: sent with the rest of the first chunk. Where a message is cheap the small first chunk
+    #: is worth it: its results come back at once and an ordered caller starts consuming them.
+    probe_alone: bool = True
 
 
 #: A pipe or a queue: 50-100 µs per message, parent and worker together (with a fixed chunk
@@ -69,12 +80,21 @@ LOCAL_POLICY = ChunkPolicy(
 #: themselves: chunks carry ~10x more work. At most 16384 items: a chunk of small values then
 #: stays under Ray's 100 KiB limit for arguments passed inline, where a larger one goes through
 #: the object store and costs 1 ms more per call (measured: benchmarks/NOTES.md).
+#: ``probe_alone``: the probe as a call of its own cost 15.57 against 14.98 ms a map (medians
+#: of 40 interleaved rounds, 50,000 tiny tasks); on pipes the small first chunk made ordered
+#: maps faster (7.40 against 8.29 ms), unordered ones the same (7.29 against 7.36).
 #: ``trusted_seconds``: with none, the 8-item probe's answer cut 50,000 tiny tasks into 7 calls
 #: instead of 5 (15.86 against 15.29 ms a map, medians of 30 interleaved rounds); on pipes the
 #: same rule made ordered maps slower (7.34 against 6.27 ms: there, smaller early chunks
 #: start the caller's consumption sooner, and messages are cheap).
+#: Threads and the inline backend hand items over without copying them: bytes bound nothing.
+IN_PROCESS_POLICY = replace(LOCAL_POLICY, pickles_items=False)
 REMOTE_POLICY = ChunkPolicy(
-    target_seconds=0.2, max_items=16384, tail_seconds=0.02, trusted_seconds=0.001
+    target_seconds=0.2,
+    max_items=16384,
+    tail_seconds=0.02,
+    trusted_seconds=0.001,
+    probe_alone=False,
 )
 
 
@@ -117,7 +137,7 @@ class ChunkSizer:
         self._recent_items = 0.0  # the estimate
         self._busy_seconds = 0.0  # all this map measured
         self._bytes_per_item = 0.0
-        self._bytes_seen = False  # this map has sent a chunk, so its items' size is known
+        self._bytes_seen = False  # this map's item size is known (measured or sent)
         self._largest = 1
 
     def observe(self, items: int, busy_seconds: float) -> None:
@@ -159,9 +179,9 @@ class ChunkSizer:
                 return 1  # learn the task's cost before committing many items to one worker
             seconds_per_item = self._prior
             growth_cap = max(1, remaining // (self._workers * self._policy.first_chunk_parts))
-            if not self._bytes_seen:
+            if self.wants_item_bytes:
                 # This map's items may be far larger than the last map's (4 MB arrays after
-                # ints): a first chunk of a few items measures them before larger ones go out.
+                # ints): a few items are measured before a larger chunk is read.
                 growth_cap = min(growth_cap, PROBE_ITEMS)
         policy = self._policy
         size = int(policy.target_seconds / seconds_per_item)
@@ -176,6 +196,25 @@ class ChunkSizer:
             size = min(size, max(1, remaining // (2 * self._workers), floor))
         self._largest = max(self._largest, size)
         return size
+
+    @property
+    def wants_item_bytes(self) -> bool:
+        """Whether chunks would be sized from the last map's estimate without knowing how
+        large this map's items are: ``next_size`` then says ``PROBE_ITEMS``, and the caller
+        measures those (``observe_bytes``) before it reads the rest of the chunk."""
+        return (
+            self._policy.pickles_items
+            and not self._bytes_seen
+            and self._fixed is None
+            and self._seconds_per_item is None
+            and self._prior is not None
+        )
+
+    @property
+    def probes_in_caller(self) -> bool:
+        """Whether the caller should measure the ``PROBE_ITEMS`` it just read and read the
+        rest of the chunk at once, instead of sending them alone (``probe_alone``)."""
+        return self.wants_item_bytes and not self._policy.probe_alone
 
     @property
     def window_items(self) -> int:

@@ -181,6 +181,23 @@ class Codec:
         return evolve(message, payload=payload)
 
 
+def pickled_size(items: list[Any]) -> int | None:
+    """Bytes ``items`` take when pickled, large buffers counted without being copied (a
+    chunk's size is chosen from it before the chunk is read); None when plain pickle cannot
+    pickle them."""
+    detached = 0
+
+    def count(buffer: pickle.PickleBuffer) -> bool:
+        nonlocal detached
+        detached += buffer.raw().nbytes
+        return False  # out of band: counted, never copied
+
+    try:
+        return len(pickle.dumps(items, _PROTOCOL, buffer_callback=count)) + detached
+    except Exception:  # whatever a user's __reduce__ raises: the chunk is measured when sent
+        return None
+
+
 def _dumps_detached(payload: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
     if payload is None:
         return b"", []

@@ -10,7 +10,7 @@ import os
 import threading
 from collections import deque
 
-from .._chunking import LOCAL_POLICY
+from .._chunking import IN_PROCESS_POLICY
 from .._protocol import RunChunk, ToWorker
 from .._worker_runtime import WorkerRuntime, WorkerSpec, propagates_interrupts
 from .base import Event
@@ -24,7 +24,7 @@ class InlineBackend:
 
     resends_itemwise = False
     answers_in_order = True
-    chunk_policy = LOCAL_POLICY
+    chunk_policy = IN_PROCESS_POLICY
 
     def __init__(self, spec: WorkerSpec) -> None:
         self._runtime = WorkerRuntime(spec, propagates_interrupts)

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from .._chunking import LOCAL_POLICY
+from .._chunking import IN_PROCESS_POLICY
 from .._protocol import EXIT_POISONED, RunChunk, Stop, ToWorker, WorkerExited
 from .._worker_runtime import WorkerRuntime, WorkerSpec, format_exception_text
 from .base import Event
@@ -61,7 +61,7 @@ class ThreadBackend:
 
     resends_itemwise = False
     answers_in_order = True
-    chunk_policy = LOCAL_POLICY
+    chunk_policy = IN_PROCESS_POLICY
 
     def __init__(self, specs: Sequence[WorkerSpec]) -> None:
         self._specs = list(specs)
