@@ -37,7 +37,9 @@ METHOD_GROUPS = {"start": "chunks", "run_chunk": "chunks", "watch": "watch", "pi
 
 
 class Answer(NamedTuple):
-    """What an actor answers: a frame, the large buffers and object references beside it."""
+    """What an actor answers when more than a frame travels: the large buffers and object
+    references beside it, or a fatal error. A frame alone goes as plain ``bytes``, which Ray
+    ships without pickling (``Reply``)."""
 
     frame: bytes
     buffers: list[Any]
@@ -45,6 +47,10 @@ class Answer(NamedTuple):
     #: Set when our own code in the actor failed (never user code's exception): the traceback.
     #: The actor cannot be trusted any more; the parent reports it dead.
     fatal: str = ""
+
+
+#: What an actor's call returns.
+Reply = Answer | bytes
 
 
 class ActorWorker:
@@ -60,13 +66,18 @@ class ActorWorker:
         self._turn = threading.Condition()
         self._never = threading.Event()
 
-    def start(self) -> Answer:
+    def start(self) -> Reply:
         """Build the user's state (call number 0); answers a Ready or InitFailed frame."""
         return self._in_turn(0, self._start)
 
-    def run_chunk(self, seq: int, frame: bytes, buffers: list[Any], refs: list[Any]) -> Answer:
+    def run_chunk(self, seq: int, frame: bytes, *beside: list[Any]) -> Reply:
         """Run one RunChunk frame (answers ChunkDone or ChunkUnreadable), or answer a
-        ResendItemwise frame (an itemwise ChunkDone) in its turn, after the chunks before it."""
+        ResendItemwise frame (an itemwise ChunkDone) in its turn, after the chunks before it.
+
+        ``beside``: the frame's large buffers and object references, when it has any (each
+        argument costs Ray a serialization either way, empty lists too).
+        """
+        buffers, refs = beside or ([], [])
         return self._in_turn(seq, functools.partial(self._run, frame, buffers, refs))
 
     def watch(self) -> None:
@@ -77,7 +88,7 @@ class ActorWorker:
         """Answered by a thread of its own at once, whatever user code is doing: a liveness
         probe (only native code holding the GIL keeps it waiting)."""
 
-    def _in_turn(self, seq: int, call: Callable[[], Answer]) -> Answer:
+    def _in_turn(self, seq: int, call: Callable[[], Reply]) -> Reply:
         with self._turn:
             self._turn.wait_for(lambda: self._next_seq == seq)
             # The one-thread executor is first in, first out: queue the next call right away.
@@ -86,7 +97,7 @@ class ActorWorker:
             self._turn.notify_all()
         return done.result()
 
-    def _start(self) -> Answer:
+    def _start(self) -> Reply:
         try:
             os.environ.update(self._env)  # before unpickling the spec imports any user code
             spec = with_assigned_devices(loads(self._spec_bytes))
@@ -98,7 +109,7 @@ class ActorWorker:
             self._runtime = runtime
         return self._frame(greeting)
 
-    def _run(self, frame: bytes, buffers: list[Any], refs: list[Any]) -> Answer:
+    def _run(self, frame: bytes, buffers: list[Any], refs: list[Any]) -> Reply:
         runtime = self._runtime
         assert runtime is not None, "start() must succeed before chunks are run"
         if runtime.poisoned:  # a sticky CUDA error: the parent kills us after that answer
@@ -110,15 +121,15 @@ class ActorWorker:
             message = run_encoded_chunk(runtime, self._codec, task, raw_items, descriptors, buffers)
         return self._frame(message)
 
-    def _frame(self, message: Any) -> Answer:
+    def _frame(self, message: Any) -> Reply:
         try:
             frame, buffers, refs, _ = self._codec.encode_with_refs(message)
         except Exception:  # find the item(s) at fault and send the rest
             frame, buffers, refs, _ = self._codec.encode_with_refs(make_sendable(message))
-        return Answer(frame, buffers, refs)
+        return Answer(frame, buffers, refs) if buffers or refs else frame
 
 
-def _never_raises(call: Callable[[], Answer]) -> Answer:
+def _never_raises(call: Callable[[], Reply]) -> Reply:
     """Run ``call`` in the executor thread; nothing it raises may reach Ray's thread."""
     try:
         return call()

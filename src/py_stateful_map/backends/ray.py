@@ -72,7 +72,7 @@ from .._protocol import (
 from .._serialization import decode_from_worker, pickle_specs
 from .._worker_runtime import WorkerSpec
 from ..errors import PoolBrokenError, SerializationError
-from ._ray_actor import CONCURRENCY_GROUPS, METHOD_GROUPS, ActorWorker, Answer
+from ._ray_actor import CONCURRENCY_GROUPS, METHOD_GROUPS, ActorWorker, Answer, Reply
 from ._ray_codec import RayCodec
 from ._ray_options import (
     check_actor_options,
@@ -219,7 +219,8 @@ class RayBackend:
             frame, buffers, refs, payload_size = self._codec.encode_with_refs(message)
         except Exception as exc:
             raise SerializationError(f"{type(exc).__name__}: {exc}") from exc
-        call = actor.handle.run_chunk.remote(actor.next_seq, frame, buffers, refs)
+        beside = (buffers, refs) if buffers or refs else ()
+        call = actor.handle.run_chunk.remote(actor.next_seq, frame, *beside)
         actor.pending.append(call)
         actor.next_seq += 1
         return payload_size
@@ -389,11 +390,11 @@ class RayBackend:
 
     def _fetch(self, ref: Any) -> Answer | BaseException:
         try:
-            value: Answer = self._ray.get(ref)
+            reply: Reply = self._ray.get(ref)
         except self._ray.exceptions.RayError as exc:  # the actor died, or Ray lost the answer
             error: BaseException = exc
             return error
-        return value
+        return Answer(reply, [], []) if isinstance(reply, bytes) else reply
 
     def _bury(self, index: int, actor: _Actor, cause: BaseException | str) -> WorkerExited:
         """Report the death of worker ``index`` once, and make sure the actor is gone."""
