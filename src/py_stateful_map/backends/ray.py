@@ -181,6 +181,7 @@ class RayBackend:
         self._incarnations = itertools.count()
         self._retiring: list[_Actor] = []
         self._woken = False
+        self._looked_everywhere = 0.0  # when ``_collect`` last asked Ray about every reference
         warn_if_unschedulable(self._ray, self._requests)
 
     def __reduce__(self) -> NoReturn:
@@ -232,9 +233,15 @@ class RayBackend:
     def wait(self, timeout: float | None) -> list[Event]:
         deadline = None if timeout is None else time.monotonic() + timeout
         found: set[Any] | None = None
+        # A quick look asks Ray what is ready; a waiting one goes straight to the blocking
+        # ray.wait and acts on what that finds: asking Ray first, and again after, what else
+        # is ready cost two more calls into it per answer (80 µs each, a tenth of a small
+        # map's time). Everything is looked at still, at least once a slice (``_collect``).
+        look = timeout is not None and timeout <= 0
         while True:
             self._refuse_if_closed()
-            events = self._collect(found)
+            events = self._collect(found) if look else []
+            look = True
             remaining = None if deadline is None else deadline - time.monotonic()
             if events or (remaining is not None and remaining <= 0) or self._woken:
                 self._woken = False
@@ -244,9 +251,6 @@ class RayBackend:
             wait_slice = min(_WAIT_SLICE_SECONDS, remaining or _WAIT_SLICE_SECONDS)
             blocking = self._blocking_refs()
             if blocking:
-                # What this finds is all the next look needs: asking Ray again what else is
-                # ready costs another call into it (80 µs, a tenth of a small map's time);
-                # the caller's next wait looks at everything.
                 ready = self._ray.wait(blocking, num_returns=1, timeout=wait_slice)[0]
                 found = set(ready) or None
             elif timeout is None:  # no actor could ever answer: waiting would never end
@@ -330,21 +334,26 @@ class RayBackend:
         return refs
 
     def _collect(self, found: set[Any] | None = None) -> list[Event]:
-        """Every answer and death that is ready now (or among ``found``), without blocking."""
+        """Every answer and death that is ready now, without blocking; or those among
+        ``found`` (what a blocking ray.wait found), unless everything was last looked at a
+        slice ago. Liveness is judged on a look at everything only: a probe's answer is in
+        no blocking wait."""
         actors = [*filter(None, self._actors), *self._retiring]
         everything = [ref for actor in actors for ref in actor.refs()]
         if not everything:
             return []
-        ready = found
-        if ready is None:
+        now = time.monotonic()
+        complete = found is None or now - self._looked_everywhere >= _WAIT_SLICE_SECONDS
+        ready = found or set()
+        if complete:
             ready = set(self._ray.wait(everything, num_returns=len(everything), timeout=0)[0])
+            self._looked_everywhere = now
         events: list[Event] = []
         for index, actor in enumerate(self._actors):
             if actor is not None:
                 self._collect_actor(index, actor, ready, events)
-        now = time.monotonic()
         for index, actor in enumerate(self._actors):
-            if actor is not None:
+            if actor is not None and complete:
                 self._check_liveness(index, actor, ready, now, events)
         self._reap_retiring(ready)
         return events
