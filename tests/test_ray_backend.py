@@ -12,6 +12,7 @@ every Ray instance on the machine).
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import os
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -157,6 +159,34 @@ def test_answers_keep_their_order_when_large_and_small_chunks_mix() -> None:
     with StateFullWorkerPool(1, payload_size, backend="ray", chunk_size=1) as pool:
         sizes = [r.ret_val for r in pool.map(items)]
     assert sizes == [1_500_000 if i % 3 == 0 else -i for i in range(24)]
+
+
+class SeenOrder:
+    """Records, for each item, where it came in the worker's own sequence and on which
+    thread, next to the thread that built the worker."""
+
+    def __init__(self) -> None:
+        self.built_on = threading.get_ident()
+        self.seen = 0
+
+    def __call__(self, item: Any) -> tuple[int, bool, int]:
+        asyncio.run(asyncio.sleep(0))  # no event loop runs on the thread of user code
+        self.seen += 1
+        size = len(item) if isinstance(item, bytes) else -item
+        return self.seen - 1, threading.get_ident() == self.built_on, size
+
+
+def test_user_code_runs_on_one_thread_in_the_order_sent() -> None:
+    """Large arguments go through Ray's object store and could reach the actor after later,
+    small ones: the actor still runs every chunk in the order sent, on the thread that built
+    its state (a CUDA device or torch's grad mode set there stays put)."""
+    items: list[Any] = [os.urandom(1_500_000) if i % 3 == 0 else i for i in range(30)]
+    with StateFullWorkerPool(1, SeenOrder, backend="ray", chunk_size=1) as pool:
+        first = [r.ret_val for r in pool.map(items)]
+        second = [r.ret_val for r in pool.map(items)]
+    assert [seen for seen, _, _ in first + second] == list(range(60))
+    assert all(same_thread for _, same_thread, _ in first + second)
+    assert [size for _, _, size in first] == [1_500_000 if i % 3 == 0 else -i for i in range(30)]
 
 
 def test_more_workers_than_cpus_share_the_cpus() -> None:

@@ -1,23 +1,27 @@
 """The side of the Ray backend that runs inside each actor (see ``ray.py`` for the whole).
 
-The actor is a threaded one with three concurrency groups (``CONCURRENCY_GROUPS``): chunks,
-the never-answered ``watch()`` call, and ``ping()``. User code runs in one executor thread,
-one chunk at a time in the order the parent numbered them; Ray's threads only admit calls and
-answer ``ping()``. An async actor did the same through its event loop but cost 0.4 ms more
-CPU in the actor per call (0.87 against 0.48 ms, measured: benchmarks/RESULTS.md), a fifth
-of the actors' CPU on a map of tiny tasks. Nothing user code raises may escape the executor
-thread: ``SystemExit`` and ``KeyboardInterrupt`` are reported like any exception (issue 17:
-on the async actor they stopped its event loop for good); our own code failing that way makes
-the answer ``fatal`` and the parent reports the actor dead.
+``start()`` and ``run_chunk()`` run in the actor's default concurrency group, which has one
+thread: user code runs one chunk at a time, always on that thread (thread-local state such
+as a CUDA device or torch's grad mode stays put), in the order the parent sent them (Ray's
+guarantee for calls from one caller to a group of one thread; ``tests/test_ray_backend.py``
+checks it with large arguments overtaking small ones). ``watch()`` and ``ping()`` have a
+concurrency group each (``CONCURRENCY_GROUPS``), so a never-answered ``watch()`` blocks
+nothing and ``ping()`` answers while user code runs.
+
+Measured against the alternatives, per call on this 2-core VM: an async actor admitting calls
+into an executor thread cost 0.87 ms of the actor's CPU, a threaded one doing the same 0.48
+ms, and running on Ray's thread removes the hop to the executor (0.11 ms more per call, the
+wake-up of a second thread). Nothing user code raises may reach Ray: ``SystemExit`` and
+``KeyboardInterrupt`` are reported like any exception (issue 17: on the async actor they
+stopped its event loop for good); our own code failing that way makes the answer ``fatal``
+and the parent reports the actor dead.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from .._protocol import InitFailed, Ready, ResendItemwise
@@ -27,13 +31,10 @@ from .._worker_runtime import WorkerRuntime, format_exception_text
 from ._ray_codec import RayCodec
 from ._ray_devices import with_assigned_devices
 
-#: Ray threads per concurrency group. Calls for chunks wait in their thread for their turn
-#: (Ray runs a threaded actor's calls in no guaranteed order), so that group needs a thread
-#: for every call the parent can have outstanding on one actor: ``PREFETCH_CHUNKS`` chunks
-#: and the resends asked for their answers, far below 16.
-CONCURRENCY_GROUPS = {"chunks": 16, "watch": 1, "control": 1}
-#: The concurrency group of each method the parent calls.
-METHOD_GROUPS = {"start": "chunks", "run_chunk": "chunks", "watch": "watch", "ping": "control"}
+#: Ray threads per concurrency group, besides the default group of one thread.
+CONCURRENCY_GROUPS = {"watch": 1, "control": 1}
+#: The concurrency group of the methods that do not run in the default group.
+METHOD_GROUPS = {"watch": "watch", "ping": "control"}
 
 
 class Answer(NamedTuple):
@@ -60,25 +61,22 @@ class ActorWorker:
         self._env = env
         self._spec_bytes = spec_bytes
         self._runtime: WorkerRuntime | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="py_stateful_map-actor")
         self._codec = RayCodec()
-        self._next_seq = 0
-        self._turn = threading.Condition()
         self._never = threading.Event()
 
     def start(self) -> Reply:
-        """Build the user's state (call number 0); answers a Ready or InitFailed frame."""
-        return self._in_turn(0, self._start)
+        """Build the user's state; answers a Ready or InitFailed frame."""
+        return _never_raises(self._start)
 
-    def run_chunk(self, seq: int, frame: bytes, *beside: list[Any]) -> Reply:
+    def run_chunk(self, frame: bytes, *beside: list[Any]) -> Reply:
         """Run one RunChunk frame (answers ChunkDone or ChunkUnreadable), or answer a
-        ResendItemwise frame (an itemwise ChunkDone) in its turn, after the chunks before it.
+        ResendItemwise frame (an itemwise ChunkDone).
 
         ``beside``: the frame's large buffers and object references, when it has any (each
         argument costs Ray a serialization either way, empty lists too).
         """
         buffers, refs = beside or ([], [])
-        return self._in_turn(seq, functools.partial(self._run, frame, buffers, refs))
+        return _never_raises(lambda: self._run(frame, buffers, refs))
 
     def watch(self) -> None:
         """Never returns: its reference fails when the actor dies."""
@@ -87,15 +85,6 @@ class ActorWorker:
     def ping(self) -> None:
         """Answered by a thread of its own at once, whatever user code is doing: a liveness
         probe (only native code holding the GIL keeps it waiting)."""
-
-    def _in_turn(self, seq: int, call: Callable[[], Reply]) -> Reply:
-        with self._turn:
-            self._turn.wait_for(lambda: self._next_seq == seq)
-            # The one-thread executor is first in, first out: queue the next call right away.
-            done = self._thread.submit(_never_raises, call)
-            self._next_seq += 1
-            self._turn.notify_all()
-        return done.result()
 
     def _start(self) -> Reply:
         try:
@@ -130,7 +119,7 @@ class ActorWorker:
 
 
 def _never_raises(call: Callable[[], Reply]) -> Reply:
-    """Run ``call`` in the executor thread; nothing it raises may reach Ray's thread."""
+    """Run ``call``; nothing it raises may reach Ray."""
     try:
         return call()
     except BaseException as exc:  # SystemExit and KeyboardInterrupt too (see module doc)

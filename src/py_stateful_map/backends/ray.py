@@ -8,7 +8,7 @@
                      actor.start.remote()  ---> env, unpickle spec, WorkerRuntime.start()
                      actor.watch.remote()  ---> awaits forever: fails only when the actor dies
                      actor.ping.remote()   ---> answered by its own thread (liveness probe)
-    send          -> actor.run_chunk.remote(seq, frame, buffers, refs) ---> WorkerRuntime
+    send          -> actor.run_chunk.remote(frame[, buffers, refs]) ---> WorkerRuntime
     wait          <- ray.wait(start refs + each actor's oldest chunk ref + watch refs), probes
 
 The actor's side is ``_ray_actor.ActorWorker``. Frames are the processes backend's: the parent
@@ -24,20 +24,18 @@ its reference the moment the actor dies, idle or busy — the counterpart of a p
 sentinel. ``wait`` then first reports every chunk the actor finished before dying, in order,
 and only then one ``WorkerExited``.
 
-*Order.* Ray runs a threaded actor's calls in no guaranteed order (a call whose large
-argument is still being fetched can be overtaken), so the parent numbers its calls and the
-actor admits them strictly by number into a single thread: user code runs one chunk at a time,
-in the order sent, always on the same thread (thread-local state such as a CUDA device stays
-put), and never on a thread of Ray's (``asyncio.run`` in user code works). The parent reports
-answers in the same order, however Ray delivers them.
+*Order.* An actor runs its chunks one at a time, in the order sent, always on the same thread
+(thread-local state such as a CUDA device stays put) that runs no event loop (``asyncio.run``
+in user code works). The parent reports answers in the same order, however
+Ray delivers them.
 
 *Liveness.* An actor whose process lives on but that no longer answers is not dead to Ray, so
 ``wait`` probes each actor with ``ping()`` (answered by a thread of its own, never by user
 code) every ``PROBE_INTERVAL_SECONDS``: one that leaves a probe unanswered for
 ``UNRESPONSIVE_SECONDS`` is killed and reported dead, and one that Ray cannot place within
 ``PLACEMENT_TIMEOUT_SECONDS`` fails to start with the reason. No map waits on Ray unbounded.
-Whatever user code raises — ``SystemExit`` and ``KeyboardInterrupt`` included — is caught in
-the executor thread and reported as the item's error (issue 17: on the async actor this
+Whatever user code raises — ``SystemExit`` and ``KeyboardInterrupt`` included — is caught
+before it reaches Ray and reported as the item's error (issue 17: on the async actor this
 backend had first, those two stopped its event loop for good).
 
 *Connection.* An initialized Ray is used as is; else ``address=``, else ``RAY_ADDRESS``, else
@@ -132,7 +130,6 @@ class _Actor:
     start: Any | None  # ObjectRef of start() until its answer is reported
     request: dict[str, float]  # the resources it asks Ray for ("CPU", "GPU", custom ones)
     pending: deque[Any] = field(default_factory=deque)  # run_chunk refs, in the order sent
-    next_seq: int = 1
     pid: int | None = None
     exitcode: int | None = None  # known only when the pool ended it
     probe: Any | None = None  # ObjectRef of the ping() awaiting its answer
@@ -221,9 +218,7 @@ class RayBackend:
         except Exception as exc:
             raise SerializationError(f"{type(exc).__name__}: {exc}") from exc
         beside = (buffers, refs) if buffers or refs else ()
-        call = actor.handle.run_chunk.remote(actor.next_seq, frame, *beside)
-        actor.pending.append(call)
-        actor.next_seq += 1
+        actor.pending.append(actor.handle.run_chunk.remote(frame, *beside))
         return payload_size
 
     def wake(self) -> None:
