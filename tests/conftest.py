@@ -36,6 +36,15 @@ def ray_cluster() -> Iterator[None]:
         yield
 
 
+@pytest.fixture
+def ray_for_ray_kind(request: pytest.FixtureRequest) -> None:
+    """For modules whose tests take a ``kind`` parameter (``pytestmark = pytest.mark.
+    usefixtures("ray_for_ray_kind")``): the Ray-parametrized ones share the module's Ray."""
+    params = getattr(request.node, "callspec", None)
+    if params is not None and params.params.get("kind") == "ray":
+        request.getfixturevalue("ray_cluster")
+
+
 def _infrastructure_pids() -> set[int]:
     """Long-lived helpers of multiprocessing itself, shared by all tests (not leaks)."""
     pids = set()

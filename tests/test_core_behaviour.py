@@ -57,12 +57,7 @@ PROCESS_KINDS = ["processes-spawn", "processes-forkserver"]
 NUM_WORKERS = 2
 
 
-@pytest.fixture(autouse=True)
-def _ray_for_ray_kinds(request: pytest.FixtureRequest) -> None:
-    """Ray-parametrized tests share one local Ray instance for the module."""
-    params = getattr(request.node, "callspec", None)
-    if params is not None and params.params.get("kind") == "ray":
-        request.getfixturevalue("ray_cluster")
+pytestmark = pytest.mark.usefixtures("ray_for_ray_kind")
 
 
 def make_pool(

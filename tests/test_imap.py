@@ -27,11 +27,7 @@ from .conftest import LOCAL_BACKENDS, RAY_BACKEND
 ALL = [*LOCAL_BACKENDS, "inline", *RAY_BACKEND]
 
 
-@pytest.fixture(autouse=True)
-def _ray_for_ray_kinds(request: pytest.FixtureRequest) -> None:
-    params = getattr(request.node, "callspec", None)
-    if params is not None and params.params.get("kind") == "ray":
-        request.getfixturevalue("ray_cluster")
+pytestmark = pytest.mark.usefixtures("ray_for_ray_kind")
 
 
 def make_pool(kind: str, target: Any, **options: Any) -> StateFullWorkerPool[Any]:

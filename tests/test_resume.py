@@ -31,11 +31,7 @@ DEFERRED = ExceptionBehavior.DEFERRED
 ALL = [*LOCAL_BACKENDS, "inline", *RAY_BACKEND]
 
 
-@pytest.fixture(autouse=True)
-def _ray_for_ray_kinds(request: pytest.FixtureRequest) -> None:
-    params = getattr(request.node, "callspec", None)
-    if params is not None and params.params.get("kind") == "ray":
-        request.getfixturevalue("ray_cluster")
+pytestmark = pytest.mark.usefixtures("ray_for_ray_kind")
 
 
 def make_pool(kind: str, log: Path, workers: int = 2, **options: Any) -> Any:
