@@ -75,6 +75,8 @@ class ChunkPolicy:
 LOCAL_POLICY = ChunkPolicy(
     target_seconds=0.02, max_items=8192, tail_seconds=0.0001, first_chunk_parts=6
 )
+#: Threads and the inline backend hand items over without copying them: bytes bound nothing.
+IN_PROCESS_POLICY = replace(LOCAL_POLICY, pickles_items=False)
 #: A Ray actor call costs about a millisecond of CPU spread over the driver, the actor's RPC
 #: threads and the object store, and on a busy node that CPU is taken from the workers
 #: themselves: chunks carry ~10x more work. At most 16384 items: a chunk of small values then
@@ -87,8 +89,6 @@ LOCAL_POLICY = ChunkPolicy(
 #: instead of 5 (15.86 against 15.29 ms a map, medians of 30 interleaved rounds); on pipes the
 #: same rule made ordered maps slower (7.34 against 6.27 ms: there, smaller early chunks
 #: start the caller's consumption sooner, and messages are cheap).
-#: Threads and the inline backend hand items over without copying them: bytes bound nothing.
-IN_PROCESS_POLICY = replace(LOCAL_POLICY, pickles_items=False)
 REMOTE_POLICY = ChunkPolicy(
     target_seconds=0.2,
     max_items=16384,

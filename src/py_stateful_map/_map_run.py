@@ -220,9 +220,11 @@ class MapRun:
         large buffers are counted without being copied.
         """
         measured = pickled_size(probe)
-        if measured is None or self._input_done:
+        if measured is None:
             return []  # they go alone, measured as they are sent
         self._sizer.observe_bytes(len(probe), measured)
+        if self._input_done:
+            return []
         size = self._sizer.next_size(self._remaining())  # the window grows with it
         room = self._sizer.window_items - (self._next_read - self._released) - len(probe)
         more = min(size - len(probe), room)
