@@ -98,6 +98,13 @@ def square(x: int) -> int:
     return x * x
 
 
+def square_slow_first(x: int) -> int:
+    """Item 0 holds its chunk back while the other worker runs ahead of it."""
+    if x == 0:
+        time.sleep(0.5)
+    return x * x
+
+
 def raise_on_multiple_of_three(x: int) -> int:
     if x % 3 == 0:
         raise ItemFailedError("bad item", x)
@@ -279,6 +286,33 @@ def test_map_reads_endless_generator_with_bounded_read_ahead(kind: str) -> None:
             if consumed == 3000:
                 break
         assert source.pulled - consumed <= bound
+
+
+@pytest.mark.parametrize(
+    ("kind", "read_input_in_thread"),
+    [(kind, True) for kind in ALL] + [("threads", False)],
+)
+def test_read_ahead_stays_bounded_when_a_slow_head_releases_many_chunks(
+    kind: str, read_input_in_thread: bool
+) -> None:
+    """Results released in ordered mode but not yet taken by the caller count as read ahead.
+
+    While item 0 sleeps the other worker fills the window; its answer then releases the whole
+    window at once. Counting from the released results instead of the caller's, the next reads
+    ran a second window ahead (CI: 135,188 items pulled for a 131,072 bound on Ray).
+    """
+    source = CountingSource(itertools.count())
+    with make_pool(kind, square_slow_first, read_input_in_thread=read_input_in_thread) as pool:
+        bound = 4 * NUM_WORKERS * pool._backend.chunk_policy.max_items
+        consumed = 0
+        most_ahead = 0
+        for r in pool.map(source):
+            assert r.ret_val == consumed * consumed
+            consumed += 1
+            most_ahead = max(most_ahead, source.pulled - consumed)
+            if consumed == 20_000:
+                break
+        assert most_ahead <= bound
 
 
 @pytest.mark.parametrize("kind", ALL)

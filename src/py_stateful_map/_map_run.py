@@ -72,6 +72,7 @@ class MapRun:
         self._sizer = sizer
         self._next_read = 0
         self._released = 0  # items moved towards the caller (ready or yielded)
+        self._handed = 0  # items yielded to the caller: the read-ahead is counted from here
         self._in_progress = 0  # items read and not yet complete
         self._input_done = False
         self._input_error: BaseException | None = None
@@ -137,7 +138,9 @@ class MapRun:
                 if ready and self._intake.checkpoint is not None:
                     self._intake.checkpoint.flush()  # durable before visible
             while ready:
-                yield ready.popleft()
+                outcomes = ready.popleft()
+                self._handed += len(outcomes[1])
+                yield outcomes
             if not self._in_progress and (self._input_done or self._failure is not None):
                 break
         if self._failure is not None:
@@ -190,7 +193,7 @@ class MapRun:
             if budget is not None:
                 size = min(size, budget)
             if not self._unsent:
-                room = self._sizer.window_items - (self._next_read - self._released)
+                room = self._sizer.window_items - self._read_ahead()
                 if room <= 0:
                     return False
                 if self._intake.checkpoint is not None:  # replayed items need no worker
@@ -226,7 +229,7 @@ class MapRun:
         if self._input_done:
             return []
         size = self._sizer.next_size(self._remaining())  # the window grows with it
-        room = self._sizer.window_items - (self._next_read - self._released) - len(probe)
+        room = self._sizer.window_items - self._read_ahead() - len(probe)
         more = min(size - len(probe), room)
         return self._read(more) if more > 0 else []
 
@@ -260,7 +263,7 @@ class MapRun:
         limit = chunker.sort_window + 4 * len(self._dispatcher.slots) * chunker.batch_size
         stalled = False
         while not chunker.has_planned and not self._input_done:
-            room = limit - (self._next_read - self._released)
+            room = limit - self._read_ahead()
             if room <= 0:
                 break
             wanted = min(room, max(1, chunker.sort_window - chunker.buffered))
@@ -297,13 +300,23 @@ class MapRun:
             return None
         return self._length - self._next_read + sum(len(chunk.items) for chunk in self._unsent)
 
+    def _read_ahead(self) -> int:
+        """Items read and not yet yielded to the caller.
+
+        Results released but still waiting in ``_ready`` count: in ordered mode one answer may
+        release many chunks, and reading against the released count instead ran past the
+        window by as much (135,188 items pulled for a 131,072 bound on Ray).
+        """
+        return self._next_read - self._handed
+
     def _read(self, size: int) -> list[Any]:
         reader = self._reader
         # A feeder thread buffers the next read, never past the window: the read-ahead stays
         # within one window, buffered or in flight.
-        room = self._sizer.window_items - (self._next_read - self._released)
+        room = self._sizer.window_items - self._read_ahead()
         reader.capacity = max(1, min(size, room))
         items = reader.read(size)
+        reader.capacity = max(1, min(size, room - len(items)))  # what it refills stays inside
         if reader.exhausted:
             self._input_done = True
             self._input_error = reader.error
