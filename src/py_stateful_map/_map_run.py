@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from itertools import chain, repeat
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from ._checkpoint_run import CheckpointRun
 from ._chunking import PROBE_ITEMS, ChunkSizer
@@ -39,8 +39,15 @@ from .results import ExceptionBehavior, ResumedResult, WorkerResultWrapper
 #: Items read at once while a checkpoint may hold them: replaying needs no worker, so the
 #: read is not sized by worker time (one row of the store holds up to 4096 items).
 REPLAY_READ = 4096
-#: (input positions, values, errors, replayed from a checkpoint) of completed items.
-Outcomes = tuple[range | tuple[int, ...], list[Any], list[ItemError] | None, bool]
+
+
+class Outcomes(NamedTuple):
+    """Completed items on their way to the caller: one chunk, or one item of a planned batch."""
+
+    where: range | tuple[int, ...]  # their input positions
+    values: list[Any]
+    errors: list[ItemError] | None
+    stored: bool  # replayed from a checkpoint
 
 
 class MapRun:
@@ -139,7 +146,7 @@ class MapRun:
                     self._intake.checkpoint.flush()  # durable before visible
             while ready:
                 outcomes = ready.popleft()
-                self._handed += len(outcomes[1])
+                self._handed += len(outcomes.values)
                 yield outcomes
             if not self._in_progress and (self._input_done or self._failure is not None):
                 break
@@ -193,20 +200,9 @@ class MapRun:
             if budget is not None:
                 size = min(size, budget)
             if not self._unsent:
-                room = self._sizer.window_items - self._read_ahead()
-                if room <= 0:
+                if not self._read_chunk(size):
                     return False
-                if self._intake.checkpoint is not None:  # replayed items need no worker
-                    size = max(size, REPLAY_READ)
-                items = self._read(min(size, room))
-                if not items:
-                    return False
-                if self._sizer.probes_in_caller and len(items) == size <= PROBE_ITEMS:
-                    items += self._read_past_probe(items)
-                self._unsent.extend(self._take(items))
-                if self._ready and not self._unsent:
-                    return False  # hand over replayed results before reading more (bounded memory)
-                continue
+                continue  # sized again: the probe may have measured the items
             chunk = self._unsent.popleft()
             if len(chunk.items) > size:  # read in a larger window than one chunk
                 self._unsent.appendleft(chunk.tail(dispatcher.new_chunk_id, size))
@@ -214,6 +210,25 @@ class MapRun:
             self._sizer.observe_bytes(len(chunk.items), dispatcher.submit(slot, chunk))
             if len(slot.in_flight) > 1:
                 return True
+
+    def _read_chunk(self, size: int) -> bool:
+        """Read up to ``size`` items into ``_unsent``; False when there is nothing to send.
+
+        Nothing is read past the window, and nothing while replayed results wait for the
+        caller (they are handed over first: memory stays bounded however much is replayed).
+        """
+        room = self._sizer.window_items - self._read_ahead()
+        if room <= 0:
+            return False
+        if self._intake.checkpoint is not None:  # replayed items need no worker
+            size = max(size, REPLAY_READ)
+        items = self._read(min(size, room))
+        if not items:
+            return False
+        if self._sizer.probes_in_caller and len(items) == size <= PROBE_ITEMS:
+            items += self._read_past_probe(items)
+        self._unsent.extend(self._take(items))
+        return bool(self._unsent) or not self._ready
 
     def _read_past_probe(self, probe: list[Any]) -> list[Any]:
         """The rest of the first chunk, read once ``probe``, its first items, is measured.
@@ -347,7 +362,7 @@ class MapRun:
                 return
         if self._failure is not None:
             return  # nobody will read results after the pending exception
-        entry = (chunk.where, values, errors, completion.stored)
+        entry = Outcomes(chunk.where, values, errors, completion.stored)
         if not self._ordered:
             self._released += len(values)
             self._ready.append(entry)
@@ -362,10 +377,12 @@ class MapRun:
                 item_errors: list[ItemError] | None = None
                 if error is not None:
                     item_errors = [(0, error[0], error[1])]
-                pending[position] = ((position,), [values[offset]], item_errors, completion.stored)
+                pending[position] = Outcomes(
+                    (position,), [values[offset]], item_errors, completion.stored
+                )
         while self._released in pending:
             entry = pending.pop(self._released)
-            self._released += len(entry[1])
+            self._released += len(entry.values)
             self._ready.append(entry)
 
     @staticmethod
