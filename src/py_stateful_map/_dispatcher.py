@@ -34,6 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._deadlines import overdue_starts, overdue_tasks, wait_limit
 from ._fault_reports import died_error, init_death_error, init_error, init_timeout_error
 from ._protocol import (
     EXIT_POISONED,
@@ -518,40 +519,16 @@ class Dispatcher:
     # -- deadlines ------------------------------------------------------------------------
 
     def _timeout_until_deadline(self, timeout: float | None) -> float | None:
-        deadlines = [d for d in (self._task_deadline(s) for s in self.slots) if d is not None]
-        deadlines += [d for d in (self._init_deadline(s) for s in self.slots) if d is not None]
-        deadlines += [s.start_after for s in self.slots if s.state == "waiting"]
-        if not deadlines:
-            return timeout
-        until = max(0.0, min(deadlines) - time.monotonic())
-        return until if timeout is None else min(timeout, until)
-
-    def _task_deadline(self, slot: WorkerSlot) -> float | None:
-        limit = self.policy.task_timeout
-        if limit is None or slot.running_since is None or slot.killed_for_timeout:
-            return None
-        return slot.running_since + limit
-
-    def _init_deadline(self, slot: WorkerSlot) -> float | None:
-        limit = self.policy.init_timeout
-        if limit is None or slot.state != "starting":
-            return None
-        return slot.starting_since + limit
+        policy = self.policy
+        return wait_limit(self.slots, policy.task_timeout, policy.init_timeout, timeout)
 
     def _check_task_deadlines(self) -> None:
-        now = time.monotonic()
-        for slot in self.slots:
-            deadline = self._task_deadline(slot)
-            if deadline is not None and now >= deadline:
-                slot.killed_for_timeout = True
-                self.backend.kill(slot.index)
+        for slot in overdue_tasks(self.slots, self.policy.task_timeout):
+            slot.killed_for_timeout = True
+            self.backend.kill(slot.index)
 
     def _check_init_deadlines(self, *, fail: bool) -> None:
-        now = time.monotonic()
-        for slot in self.slots:
-            deadline = self._init_deadline(slot)
-            if deadline is None or now < deadline:
-                continue
+        for slot in overdue_starts(self.slots, self.policy.init_timeout):
             if fail:
                 raise init_timeout_error(slot, self.policy.init_timeout)
             slot.killed_for_init_timeout = True
