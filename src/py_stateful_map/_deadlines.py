@@ -8,7 +8,7 @@ the start-up). ``wait_limit`` bounds every blocking wait, so a silent hang is no
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from ._slots import WorkerSlot
 
@@ -43,19 +43,19 @@ def wait_limit(
     return until if timeout is None else min(timeout, until)
 
 
-def overdue_tasks(slots: Sequence[WorkerSlot], task_timeout: float | None) -> Iterator[WorkerSlot]:
+def overdue_tasks(slots: Sequence[WorkerSlot], task_timeout: float | None) -> list[WorkerSlot]:
     """Workers running a chunk for longer than ``task_timeout``."""
-    now = time.monotonic()
-    for slot in slots:
-        deadline = task_deadline(slot, task_timeout)
-        if deadline is not None and now >= deadline:
-            yield slot
+    return _past(slots, lambda slot: task_deadline(slot, task_timeout))
 
 
-def overdue_starts(slots: Sequence[WorkerSlot], init_timeout: float | None) -> Iterator[WorkerSlot]:
+def overdue_starts(slots: Sequence[WorkerSlot], init_timeout: float | None) -> list[WorkerSlot]:
     """Workers building their state for longer than ``init_timeout``."""
+    return _past(slots, lambda slot: init_deadline(slot, init_timeout))
+
+
+def _past(
+    slots: Sequence[WorkerSlot], deadline_of: Callable[[WorkerSlot], float | None]
+) -> list[WorkerSlot]:
     now = time.monotonic()
-    for slot in slots:
-        deadline = init_deadline(slot, init_timeout)
-        if deadline is not None and now >= deadline:
-            yield slot
+    deadlines = [(slot, deadline_of(slot)) for slot in slots]
+    return [slot for slot, deadline in deadlines if deadline is not None and now >= deadline]
