@@ -34,9 +34,11 @@ def wait_limit(
     timeout: float | None,
 ) -> float | None:
     """``timeout``, shortened to the nearest deadline or end of a back-off."""
-    deadlines = [d for d in (task_deadline(s, task_timeout) for s in slots) if d is not None]
-    deadlines += [d for d in (init_deadline(s, init_timeout) for s in slots) if d is not None]
-    deadlines += [s.start_after for s in slots if s.state == "waiting"]
+    deadlines = [s.start_after for s in slots if s.state == "waiting"]
+    if task_timeout is not None:  # every wait asks: without limits it costs one pass
+        deadlines += [d for d in (task_deadline(s, task_timeout) for s in slots) if d is not None]
+    if init_timeout is not None:
+        deadlines += [d for d in (init_deadline(s, init_timeout) for s in slots) if d is not None]
     if not deadlines:
         return timeout
     until = max(0.0, min(deadlines) - time.monotonic())
@@ -45,17 +47,21 @@ def wait_limit(
 
 def overdue_tasks(slots: Sequence[WorkerSlot], task_timeout: float | None) -> list[WorkerSlot]:
     """Workers running a chunk for longer than ``task_timeout``."""
+    if task_timeout is None:  # looked at after every wait
+        return []
     return _past(slots, lambda slot: task_deadline(slot, task_timeout))
 
 
 def overdue_starts(slots: Sequence[WorkerSlot], init_timeout: float | None) -> list[WorkerSlot]:
     """Workers building their state for longer than ``init_timeout``."""
+    if init_timeout is None:
+        return []
     return _past(slots, lambda slot: init_deadline(slot, init_timeout))
 
 
 def _past(
     slots: Sequence[WorkerSlot], deadline_of: Callable[[WorkerSlot], float | None]
 ) -> list[WorkerSlot]:
-    now = time.monotonic()
     deadlines = [(slot, deadline_of(slot)) for slot in slots]
+    now = time.monotonic()
     return [slot for slot, deadline in deadlines if deadline is not None and now >= deadline]

@@ -141,7 +141,7 @@ class Dispatcher:
 
     def _start_waiting(self) -> None:
         """Start waiting slots, as many as ``init_concurrency`` allows, once each may start."""
-        if self.closed:
+        if self.closed or all(slot.state != "waiting" for slot in self.slots):
             return
         limit = self.policy.init_concurrency or len(self.slots)
         starting = sum(1 for slot in self.slots if slot.state == "starting")
