@@ -78,7 +78,7 @@ class MapRun:
         self._behavior = behavior
         self._sizer = sizer
         self._next_read = 0
-        self._released = 0  # items moved towards the caller (ready or yielded)
+        self._next_release = 0  # ordered: the input position released next
         self._handed = 0  # items yielded to the caller: the read-ahead is counted from here
         self._in_progress = 0  # items read and not yet complete
         self._input_done = False
@@ -364,7 +364,6 @@ class MapRun:
             return  # nobody will read results after the pending exception
         entry = Outcomes(chunk.where, values, errors, completion.stored)
         if not self._ordered:
-            self._released += len(values)
             self._ready.append(entry)
             return
         pending = self._pending
@@ -380,9 +379,9 @@ class MapRun:
                 pending[position] = Outcomes(
                     (position,), [values[offset]], item_errors, completion.stored
                 )
-        while self._released in pending:
-            entry = pending.pop(self._released)
-            self._released += len(entry.values)
+        while self._next_release in pending:
+            entry = pending.pop(self._next_release)
+            self._next_release += len(entry.values)
             self._ready.append(entry)
 
     @staticmethod
