@@ -39,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from py_stateful_map.checkpoint import Checkpoint, Stored
+from py_stateful_map.checkpoint.api import Checkpoint, Stored
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -80,7 +80,8 @@ def ray_tasks(ray: Any, items: int, batch: int, *, per_item: bool) -> int:
 
 
 def ours(items: int, backend: str, *, bare_values: bool = False) -> Callable[[], int]:
-    from py_stateful_map import StateFullWorkerPool, _map_run
+    from py_stateful_map import StateFullWorkerPool
+    from py_stateful_map.core import map_run as _map_run
 
     pool: Any = StateFullWorkerPool(2, double, backend=backend)
     wrap = _map_run._wrap

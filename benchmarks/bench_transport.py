@@ -301,7 +301,7 @@ def threshold_sweep(sizes_kib: Iterable[int], thresholds_kib: Iterable[int], n: 
     patches it and the workers are forked from it (start_method="fork"), so both sides use it.
     """
     from py_stateful_map import StateFullWorkerPool
-    from py_stateful_map import _shared_memory as shm
+    from py_stateful_map.wire import shared_memory as shm
 
     sizes = list(sizes_kib)
     print("| threshold | " + " | ".join(f"{s} KiB" for s in sizes) + " |")

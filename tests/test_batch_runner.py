@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from py_stateful_map._batch_runner import (
+from py_stateful_map.collate import default_collate
+from py_stateful_map.worker.batch_runner import (
     BatchOutcome,
     BatchRunner,
     is_out_of_memory,
     move_to_cpu,
     split_batch_result,
 )
-from py_stateful_map.collate import default_collate
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -421,7 +421,7 @@ def test_out_of_memory_is_recognized_without_torch(monkeypatch: pytest.MonkeyPat
 def test_runner_imports_neither_torch_nor_numpy() -> None:
     code = """
         import sys
-        from py_stateful_map._batch_runner import BatchRunner
+        from py_stateful_map.worker.batch_runner import BatchRunner
         from py_stateful_map.collate import default_collate
         outcome = BatchRunner(lambda b: [x + 1 for x in b], 2, default_collate).run([1, 2, 3])
         assert outcome.values == [2, 3, 4], outcome

@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from py_stateful_map import Checkpoint, CheckpointError, CheckpointMismatchError
-from py_stateful_map._checkpoint_file import WalCopier
-from py_stateful_map._checkpoint_run import AUTO_FLUSH_ITEMS, MAX_SEGMENT, Stored, ToRun
-from py_stateful_map.checkpoint import CheckpointStatus, as_checkpoint
+from py_stateful_map.checkpoint.api import CheckpointStatus, as_checkpoint
+from py_stateful_map.checkpoint.file import WalCopier
+from py_stateful_map.checkpoint.run import AUTO_FLUSH_ITEMS, MAX_SEGMENT, Stored, ToRun
 from py_stateful_map.errors import CheckpointedError, PoolError, SerializationError
 
 from .scripts import read_line_starting, start_script

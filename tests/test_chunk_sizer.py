@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from itertools import pairwise
 
-from py_stateful_map._chunking import (
+from py_stateful_map.core.chunking import (
     LOCAL_POLICY,
     MAX_CHUNK_BYTES,
     PROBE_ITEMS,

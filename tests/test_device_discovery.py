@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from py_stateful_map import _device_discovery as dd
-from py_stateful_map._device_discovery import (
+from py_stateful_map.devices import discovery as dd
+from py_stateful_map.devices.discovery import (
     DevicePlacement,
     PhysicalGpu,
     cuda_initialized_in_this_process,
@@ -303,7 +303,7 @@ def test_discovery_imports_neither_torch_nor_numpy() -> None:
     done = run_python(
         """
         import sys
-        from py_stateful_map._device_discovery import resolve_devices
+        from py_stateful_map.devices.discovery import resolve_devices
         resolve_devices("auto"); resolve_devices("cpu")
         assert "torch" not in sys.modules and "numpy" not in sys.modules, sorted(sys.modules)
         """
@@ -316,7 +316,7 @@ def test_discovery_leaves_cuda_uninitialized_in_a_fresh_process() -> None:
     done = run_python(
         """
         import torch
-        from py_stateful_map._device_discovery import resolve_devices
+        from py_stateful_map.devices.discovery import resolve_devices
         print(resolve_devices("auto"))
         assert not torch.cuda.is_initialized()
         """

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from py_stateful_map import DevicePool, ExceptionBehavior, resolve_devices
-from py_stateful_map import _device_discovery as dd
-from py_stateful_map._device_discovery import PhysicalGpu, probe_physical_gpus
 from py_stateful_map.collate import stack_torch
+from py_stateful_map.devices import discovery as dd
+from py_stateful_map.devices.discovery import PhysicalGpu, probe_physical_gpus
 
 from .conftest import LOCAL_BACKENDS, RAY_BACKEND
 from .device_workers import (

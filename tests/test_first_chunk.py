@@ -14,10 +14,10 @@ from dataclasses import replace
 import pytest
 
 from py_stateful_map import StateFullWorkerPool
-from py_stateful_map._chunking import LOCAL_POLICY, MAX_CHUNK_BYTES, PROBE_ITEMS, REMOTE_POLICY
-from py_stateful_map._dispatcher import Dispatcher
-from py_stateful_map._serialization import pickled_size
 from py_stateful_map.backends.inline import InlineBackend
+from py_stateful_map.core.chunking import LOCAL_POLICY, MAX_CHUNK_BYTES, PROBE_ITEMS, REMOTE_POLICY
+from py_stateful_map.core.dispatcher import Dispatcher
+from py_stateful_map.wire.serialization import pickled_size
 
 FOUR_MB = 4 * 1024 * 1024
 

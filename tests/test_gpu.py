@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from py_stateful_map import DevicePool, ExceptionBehavior, resolve_devices
-from py_stateful_map._device_discovery import probe_physical_gpus, visible_gpus
+from py_stateful_map.devices.discovery import probe_physical_gpus, visible_gpus
 
 from .device_workers import CudaViewWorker, HugeAllocationWorker, MatmulWorker, records
 

@@ -26,11 +26,11 @@ from typing import Any
 import pytest
 
 from py_stateful_map import DevicePool, WorkerInitError
-from py_stateful_map import _device_discovery as dd
-from py_stateful_map._device_groups import GroupPlacement, place_groups
-from py_stateful_map._worker_runtime import WorkerSpec
-from py_stateful_map.backends import _ray_devices
-from py_stateful_map.backends._ray_devices import RAY_GPU, RAY_GPUS, plan_ray_workers
+from py_stateful_map.backends.ray.driver import placement as _ray_devices
+from py_stateful_map.backends.ray.driver.placement import RAY_GPU, RAY_GPUS, plan_ray_workers
+from py_stateful_map.devices import discovery as dd
+from py_stateful_map.devices.groups import GroupPlacement, place_groups
+from py_stateful_map.worker.runtime import WorkerSpec
 
 from .device_workers import RecordingWorker, record, records
 from .ray_support import keep_ray_on_loopback, local_ray
@@ -140,7 +140,7 @@ import sys
 record("main")  # module level of the script: re-run as __mp_main__ in spawn/forkserver workers
 import group_worker
 from py_stateful_map import DevicePool
-from py_stateful_map import _device_discovery
+from py_stateful_map.devices import discovery as _device_discovery
 
 if __name__ == "__main__":
     _device_discovery._probe_nvml = lambda: None  # the fake nvidia-smi, even on a GPU machine

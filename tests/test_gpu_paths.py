@@ -29,17 +29,13 @@ from typing import Any, TypeVar
 
 import pytest
 
-from py_stateful_map import (
-    DevicePool,
-    ExceptionBehavior,
-    StateFullWorkerPool,
-    _worker_env,
-)
-from py_stateful_map import _device_discovery as dd
-from py_stateful_map._batch_runner import BatchRunner, is_out_of_memory, split_batch_result
-from py_stateful_map._gpu_memory import WORKERS_ON_DEVICE
-from py_stateful_map._serialization import dumps
-from py_stateful_map._shared_memory import SegmentPool, SegmentReader, prefix_for
+from py_stateful_map import DevicePool, ExceptionBehavior, StateFullWorkerPool
+from py_stateful_map.devices import discovery as dd
+from py_stateful_map.wire.serialization import dumps
+from py_stateful_map.wire.shared_memory import SegmentPool, SegmentReader, prefix_for
+from py_stateful_map.worker import environment as _worker_env
+from py_stateful_map.worker.batch_runner import BatchRunner, is_out_of_memory, split_batch_result
+from py_stateful_map.worker.gpu_memory import WORKERS_ON_DEVICE
 
 from . import faults
 from .device_workers import (
@@ -159,7 +155,7 @@ import sys
 record("main")  # module level of the script: re-run as __mp_main__ in spawn/forkserver workers
 import masked_worker
 from py_stateful_map import DevicePool
-from py_stateful_map import _device_discovery
+from py_stateful_map.devices import discovery as _device_discovery
 
 if __name__ == "__main__":
     _device_discovery._probe_nvml = lambda: None  # the fake nvidia-smi, even on a GPU machine
@@ -261,8 +257,8 @@ def test_worker_name_applies_the_environment_when_unpickled(
 
 
 def test_forkserver_preloads_no_user_module() -> None:
-    from py_stateful_map._worker_runtime import WorkerSpec
     from py_stateful_map.backends.processes import _preload_modules
+    from py_stateful_map.worker.runtime import WorkerSpec
 
     modules = _preload_modules([WorkerSpec(target=RecordingWorker)])
     assert RecordingWorker.__module__ not in modules
@@ -603,7 +599,7 @@ def run_script(tmp_path: Path, code: str, *args: str) -> list[str]:
 GPU_RESULTS = """
     import torch
     from py_stateful_map import DevicePool
-    from py_stateful_map._device_discovery import cuda_initialized_in_this_process
+    from py_stateful_map.devices.discovery import cuda_initialized_in_this_process
     from tests.device_workers import CudaBatchResults, CudaResults, assert_plain_cpu_results
 
     if __name__ == "__main__":

@@ -375,7 +375,7 @@ def test_copyreg_reducers_still_apply_with_torch_loaded(tmp_path: Path) -> None:
 
     np = pytest.importorskip("numpy")
     pytest.importorskip("torch")  # loaded: the pickler's table then holds the tensor reducer
-    from py_stateful_map._shared_memory import SegmentPool
+    from py_stateful_map.wire.shared_memory import SegmentPool
 
     copyreg.pickle(OnlyCopyreg, lambda obj: (_rebuild_only_copyreg, (obj.array,)))
     try:

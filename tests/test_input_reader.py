@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from py_stateful_map._input import FeederThread
+from py_stateful_map.core.input_reader import FeederThread
 
 
 class CountingSource(Iterator[int]):

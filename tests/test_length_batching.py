@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from py_stateful_map._length_batching import (
+from py_stateful_map.core.length_batching import (
     DEFAULT_WINDOW_BATCHES,
     ItemCostError,
     LengthBatcher,

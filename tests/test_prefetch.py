@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from py_stateful_map import DevicePool, ExceptionBehavior, StateFullWorkerPool
-from py_stateful_map._batch_runner import BatchRunner
-from py_stateful_map._prefetch import (
+from py_stateful_map.worker.batch_runner import BatchRunner
+from py_stateful_map.worker.prefetch import (
     BatchPreparer,
     check_prefetch,
     chunk_batches,
@@ -257,7 +257,7 @@ def test_prepare_thread_uses_the_workers_cuda_device(monkeypatch: pytest.MonkeyP
     torch = pytest.importorskip("torch")
     import threading
 
-    from py_stateful_map._prefetch import BatchPreparer
+    from py_stateful_map.worker.prefetch import BatchPreparer
 
     chosen: dict[str, int] = {}
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)

@@ -44,7 +44,7 @@ from py_stateful_map import (  # noqa: E402
     StateFullWorkerPool,
     WorkerDiedError,
 )
-from py_stateful_map.backends import _ray_shipping as ray_shipping  # noqa: E402
+from py_stateful_map.backends.ray.driver import shipping as ray_shipping  # noqa: E402
 from py_stateful_map.errors import TaskTimeoutError  # noqa: E402
 
 DEFERRED = ExceptionBehavior.DEFERRED

@@ -31,9 +31,9 @@ from py_stateful_map import (  # noqa: E402
     StateFullWorkerPool,
     WorkerDiedError,
 )
-from py_stateful_map._protocol import RunChunk  # noqa: E402
-from py_stateful_map.backends import ray as ray_backend  # noqa: E402
+from py_stateful_map.backends.ray.driver import backend as ray_backend  # noqa: E402
 from py_stateful_map.errors import SerializationError, WorkerInitError  # noqa: E402
+from py_stateful_map.wire.messages import RunChunk  # noqa: E402
 
 DEFERRED = ExceptionBehavior.DEFERRED
 

@@ -27,9 +27,9 @@ import psutil
 import pytest
 
 from py_stateful_map import ExceptionBehavior, StateFullWorkerPool, WorkerDiedError
-from py_stateful_map import _shared_memory as shm
-from py_stateful_map._protocol import RunChunk
-from py_stateful_map._serialization import DETACH_THRESHOLD, Codec
+from py_stateful_map.wire import shared_memory as shm
+from py_stateful_map.wire.messages import RunChunk
+from py_stateful_map.wire.serialization import DETACH_THRESHOLD, Codec
 
 from .conftest import LOCAL_BACKENDS, RAY_BACKEND
 from .scripts import read_line_starting, start_script
@@ -505,9 +505,9 @@ FLOW_SCRIPT = """
 import os, sys, time
 import numpy as np
 from py_stateful_map import StateFullWorkerPool
-from py_stateful_map import _shared_memory as shm
-from py_stateful_map._protocol import RunChunk
-from py_stateful_map._serialization import DETACH_THRESHOLD, Codec
+from py_stateful_map.wire import shared_memory as shm
+from py_stateful_map.wire.messages import RunChunk
+from py_stateful_map.wire.serialization import DETACH_THRESHOLD, Codec
 from tests.test_transport import busy_identity, segments
 
 def items():

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from py_stateful_map import ExceptionBehavior, StateFullWorkerPool
-from py_stateful_map.backends import _process_tree
+from py_stateful_map.backends import process_tree as _process_tree
 
 from . import hostile
 

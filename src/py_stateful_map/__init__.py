@@ -38,7 +38,7 @@ _EXPORTS = {
     "CheckpointMismatchError": "errors",
     "Checkpoint": "checkpoint",
     "DevicePool": "device_pool",
-    "resolve_devices": "_device_discovery",
+    "resolve_devices": "devices.discovery",
 }
 
 __all__ = [
@@ -63,10 +63,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from ._device_discovery import resolve_devices
-    from .checkpoint import Checkpoint
-    from .device_pool import DevicePool
-    from .errors import (
+    from py_stateful_map.checkpoint.api import Checkpoint
+    from py_stateful_map.device_pool import DevicePool
+    from py_stateful_map.devices.discovery import resolve_devices
+    from py_stateful_map.errors import (
         CheckpointError,
         CheckpointMismatchError,
         PoolBrokenError,
@@ -78,9 +78,9 @@ if TYPE_CHECKING:
         WorkerDiedError,
         WorkerInitError,
     )
-    from .pool import StateFullWorkerPool
-    from .results import ArgumentPassing, ExceptionBehavior, WorkerResultWrapper
-    from .stats import PoolStats
+    from py_stateful_map.pool import StateFullWorkerPool
+    from py_stateful_map.results import ArgumentPassing, ExceptionBehavior, WorkerResultWrapper
+    from py_stateful_map.stats import PoolStats
 
 
 def __getattr__(name: str) -> Any:

@@ -18,8 +18,8 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .pool import StateFullWorkerPool
-from .results import ArgumentPassing, ExceptionBehavior
+from py_stateful_map.pool import StateFullWorkerPool
+from py_stateful_map.results import ArgumentPassing, ExceptionBehavior
 
 _ARGUMENT_TYPES = {
     None: ArgumentPassing.AS_SINGLE_ARG,

@@ -1,7 +1,7 @@
 """``DevicePool``: one worker (or several) per device, each building its model on its device.
 
 The layer above the core pool. It resolves devices without touching CUDA in the parent, gives
-every worker its device (and its group of GPUs, see ``_device_groups``) through constructor
+every worker its device (and its group of GPUs, see ``devices.groups``) through constructor
 kwargs, isolates each process worker to its GPU or group (``CUDA_VISIBLE_DEVICES`` set before
 any user import, so no worker also opens a context on GPU 0), keeps CPU workers from
 oversubscribing cores, and turns ``batch_size`` into batched calls with per-item results and
@@ -18,11 +18,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._device_discovery import CPU, DeviceProbe, DeviceRequest
-from ._device_groups import GroupPlacement, check_grouping, place_groups
-from ._gpu_memory import WORKERS_ON_DEVICE
-from .pool import StateFullWorkerPool
-from .results import T
+from py_stateful_map.devices.discovery import CPU, DeviceProbe, DeviceRequest
+from py_stateful_map.devices.groups import GroupPlacement, check_grouping, place_groups
+from py_stateful_map.pool import StateFullWorkerPool
+from py_stateful_map.results import T
+from py_stateful_map.worker.gpu_memory import WORKERS_ON_DEVICE
 
 #: Thread-pool variables of the usual numeric libraries; set for every process worker (a GPU
 #: worker's tokenizing and pre-processing run on cores too) unless the user already chose a
@@ -159,8 +159,8 @@ class DevicePool(StateFullWorkerPool[T]):
         (``"cuda:0"``... where Ray hides the others). ``ray_actor_options`` (one dict, or one
         per worker) is merged over these requests.
         """
-        from .backends._ray_devices import plan_ray_workers
-        from .backends._ray_session import cluster_gpus
+        from py_stateful_map.backends.ray.driver.placement import plan_ray_workers
+        from py_stateful_map.backends.ray.driver.session import cluster_gpus
 
         with cluster_gpus(pool_options.get("ray_address")) as available:
             workers = plan_ray_workers(
@@ -261,7 +261,7 @@ def _environments(placements: Sequence[GroupPlacement]) -> list[dict[str, str]]:
         for name in _THREAD_VARIABLES:
             env.setdefault(name, os.environ.get(name, threads))
         if placement.label != CPU and on_device[placement.label] > 1:
-            env[WORKERS_ON_DEVICE] = str(on_device[placement.label])  # see _gpu_memory
+            env[WORKERS_ON_DEVICE] = str(on_device[placement.label])  # see worker.gpu_memory
         environments.append(env)
     return environments
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import signal
 
-from ._protocol import EXIT_POISONED
+from py_stateful_map.wire.messages import EXIT_POISONED
 
 
 class PoolError(Exception):

@@ -2,8 +2,8 @@
 
 The pool validates options, picks a backend, starts every worker (each builds its state once,
 inside the worker) and then serves any number of ``map()`` calls on those live workers. The
-moving parts live elsewhere: ``_map_run`` streams one map, ``_dispatcher`` keeps the workers
-and applies the fault policy, ``backends/*`` carry messages, ``_worker_runtime`` runs inside
+moving parts live elsewhere: ``core.map_run`` streams one map, ``core.dispatcher`` keeps the workers
+and applies the fault policy, ``backends/*`` carry messages, ``worker.runtime`` runs inside
 the worker.
 """
 
@@ -17,20 +17,25 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, NoReturn
 
-from ._checkpoint_run import CheckpointRun
-from ._chunking import ChunkMemory, ChunkSizer
-from ._dispatcher import Dispatcher, FaultPolicy
-from ._length_batching import LengthBatching
-from ._map_run import MapResult, MapRun
-from ._prefetch import check_prefetch, chunk_batches
-from ._progress import ProgressOption, ResultCallback, resolve_progress, with_progress
-from ._slots import WorkerSlot
-from ._worker_runtime import WorkerSpec
-from .backends.base import Backend
-from .checkpoint import Checkpoint, as_checkpoint
-from .errors import PoolBrokenError
-from .results import ArgumentPassing, ExceptionBehavior, T, WorkerResultWrapper
-from .stats import PoolStats
+from py_stateful_map.backends.base import Backend
+from py_stateful_map.checkpoint.api import Checkpoint, as_checkpoint
+from py_stateful_map.checkpoint.run import CheckpointRun
+from py_stateful_map.core.chunking import ChunkMemory, ChunkSizer
+from py_stateful_map.core.dispatcher import Dispatcher, FaultPolicy
+from py_stateful_map.core.length_batching import LengthBatching
+from py_stateful_map.core.map_run import MapResult, MapRun
+from py_stateful_map.core.progress import (
+    ProgressOption,
+    ResultCallback,
+    resolve_progress,
+    with_progress,
+)
+from py_stateful_map.core.slots import WorkerSlot
+from py_stateful_map.errors import PoolBrokenError
+from py_stateful_map.results import ArgumentPassing, ExceptionBehavior, T, WorkerResultWrapper
+from py_stateful_map.stats import PoolStats
+from py_stateful_map.worker.prefetch import check_prefetch, chunk_batches
+from py_stateful_map.worker.runtime import WorkerSpec
 
 #: A map's ``checkpoint=``: a ``Checkpoint``, a path, or None.
 CheckpointOption = Checkpoint | str | os.PathLike[str] | None
@@ -216,19 +221,19 @@ class StateFullWorkerPool(Generic[T]):
 
     def _make_backend(self, specs: list[WorkerSpec], envs: list[dict[str, str]]) -> Backend:
         if self.backend_name == "inline":
-            from .backends.inline import InlineBackend
+            from py_stateful_map.backends.inline import InlineBackend
 
             return InlineBackend(specs[0])
         if self.backend_name == "threads":
-            from .backends.threads import ThreadBackend
+            from py_stateful_map.backends.threads import ThreadBackend
 
             return ThreadBackend(specs)
         if self.backend_name == "ray":
-            from .backends.ray import RayBackend
+            from py_stateful_map.backends.ray.driver.backend import RayBackend
 
             return RayBackend(specs, envs, self._ray_actor_options, address=self._ray_address)
         _refuse_fork_after_cuda(self.start_method)
-        from .backends.processes import ProcessBackend
+        from py_stateful_map.backends.processes import ProcessBackend
 
         return ProcessBackend(specs, envs, self.start_method)
 
@@ -488,7 +493,7 @@ def _shutdown_if_owner(backend: Backend, owner_pid: int) -> None:
 def _refuse_fork_after_cuda(start_method: str) -> None:
     if start_method != "fork":
         return
-    from ._device_discovery import ensure_fork_is_safe
+    from py_stateful_map.devices.discovery import ensure_fork_is_safe
 
     ensure_fork_is_safe(start_method)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._pqdm import run_pqdm
+from py_stateful_map._pqdm import run_pqdm
 
 
 def pqdm(

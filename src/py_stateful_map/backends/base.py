@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .._chunking import ChunkPolicy
-from .._protocol import FromWorker, ToWorker
+from py_stateful_map.core.chunking import ChunkPolicy
+from py_stateful_map.wire.messages import FromWorker, ToWorker
 
 #: (worker index, message) — every fact the scheduler learns arrives in this shape.
 Event = tuple[int, FromWorker]

@@ -10,9 +10,10 @@ import os
 import threading
 from collections import deque
 
-from .._chunking import IN_PROCESS_POLICY
-from .._protocol import RunChunk, ToWorker
-from .._worker_runtime import WorkerRuntime, WorkerSpec, propagates_interrupts
+from py_stateful_map.core.chunking import IN_PROCESS_POLICY
+from py_stateful_map.wire.messages import RunChunk, ToWorker
+from py_stateful_map.worker.runtime import WorkerRuntime, WorkerSpec, propagates_interrupts
+
 from .base import Event
 
 #: Longest single wait for input while no answer can come.

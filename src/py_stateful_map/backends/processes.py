@@ -31,24 +31,26 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from .._chunking import LOCAL_POLICY
-from .._crash_dirs import make_crash_dir
-from .._device_discovery import ensure_fork_is_safe
-from .._orphans import sweep_orphans
-from .._protocol import (
-    Stop,
-    ToWorker,
-    WorkerExited,
+from py_stateful_map.backends import process_tree as tree
+from py_stateful_map.core.chunking import LOCAL_POLICY
+from py_stateful_map.devices.discovery import ensure_fork_is_safe
+from py_stateful_map.errors import SerializationError
+from py_stateful_map.wire.messages import Stop, ToWorker, WorkerExited
+from py_stateful_map.wire.serialization import (
+    Codec,
+    decode_from_worker,
+    dumps_by_value,
+    pickle_specs,
 )
-from .._serialization import Codec, decode_from_worker, dumps_by_value, pickle_specs
-from .._shared_memory import SegmentPool, available, prefix_for, unlink_prefix
-from .._worker_env import WorkerName
-from .._worker_process import worker_process_main
-from .._worker_runtime import WorkerSpec
-from ..errors import SerializationError
-from . import _process_tree as tree
-from ._pipe_channel import PipeChannel
+from py_stateful_map.wire.shared_memory import SegmentPool, available, prefix_for, unlink_prefix
+from py_stateful_map.worker.environment import WorkerName
+from py_stateful_map.worker.process_main import worker_process_main
+from py_stateful_map.worker.runtime import WorkerSpec
+
 from .base import Event
+from .crash_dirs import make_crash_dir
+from .orphans import sweep_orphans
+from .pipe_channel import PipeChannel
 
 logger = logging.getLogger("py_stateful_map")
 _POOL_IDS = itertools.count()  # tells apart the shared memory of pools in one process
@@ -368,9 +370,9 @@ def _preload_modules(specs: Sequence[WorkerSpec]) -> list[str]:
     that fails to import there is skipped by multiprocessing itself. Never a user module:
     the forkserver runs without any worker's device mask, and a module that touches CUDA at
     import (``torch.cuda.is_available()``) would initialize it there, for every worker forked
-    from it. Workers import the user's modules themselves, masked (see ``_worker_env``).
+    from it. Workers import the user's modules themselves, masked (see ``worker.environment``).
     """
-    return ["py_stateful_map._worker_process", *(m for m in _PRELOADABLE if m in sys.modules)]
+    return ["py_stateful_map.worker.process_main", *(m for m in _PRELOADABLE if m in sys.modules)]
 
 
 def process_sentinel(process: BaseProcess | None) -> int | None:

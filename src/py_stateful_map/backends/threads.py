@@ -15,9 +15,10 @@ import threading
 import time
 from collections.abc import Sequence
 
-from .._chunking import IN_PROCESS_POLICY
-from .._protocol import EXIT_POISONED, RunChunk, Stop, ToWorker, WorkerExited
-from .._worker_runtime import WorkerRuntime, WorkerSpec, format_exception_text
+from py_stateful_map.core.chunking import IN_PROCESS_POLICY
+from py_stateful_map.wire.messages import EXIT_POISONED, RunChunk, Stop, ToWorker, WorkerExited
+from py_stateful_map.worker.runtime import WorkerRuntime, WorkerSpec, format_exception_text
+
 from .base import Event
 
 logger = logging.getLogger("py_stateful_map")

@@ -1,0 +1,164 @@
+"""The GPUs of a Ray actor, which only the actor can know.
+
+Ray picks which GPUs an actor gets when it places it; the driver cannot. ``DevicePool`` therefore
+hands a GPU actor placeholders: ``RAY_GPU`` as its device and ``RAY_GPUS`` as its group (the
+``devices`` kwarg). The actor replaces them before building the worker, from the ids Ray assigned
+it (``ray.get_gpu_ids()``): ``cuda:0``, ``cuda:1``... where Ray set ``CUDA_VISIBLE_DEVICES`` to
+those GPUs (its default), the GPUs' own indices where it did not
+(``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1``). An actor on a group of k GPUs asks Ray for
+``num_gpus=k``; which k, Ray decides (an explicit group such as ``[0, 1]`` counts as 2 GPUs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from py_stateful_map.devices.discovery import CPU, DeviceRequest
+from py_stateful_map.devices.groups import explicit_groups, is_group_list, split_into_groups
+from py_stateful_map.worker.runtime import WorkerSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class RayGpu:
+    """Stands for the CUDA device of the (first) GPU Ray assigns the actor; replaced inside it."""
+
+    def __repr__(self) -> str:
+        return "RAY_GPU"
+
+
+@dataclasses.dataclass(frozen=True)
+class RayGpus:
+    """Stands for the CUDA devices of every GPU Ray assigns the actor; replaced inside it."""
+
+    def __repr__(self) -> str:
+        return "RAY_GPUS"
+
+
+RAY_GPU = RayGpu()
+RAY_GPUS = RayGpus()
+
+
+def assigned_devices() -> list[str]:
+    """``cuda:<index>`` of each of this actor's GPUs, as this process numbers its GPUs."""
+    import ray
+
+    ids = [str(gpu) for gpu in ray.get_gpu_ids()]
+    if not ids:
+        raise RuntimeError(
+            "Ray assigned this actor no GPU: do not set num_gpus=0 in ray_actor_options of a "
+            "DevicePool on GPUs (use devices='cpu' for CPU workers)"
+        )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:  # every GPU of the node is visible: Ray's ids are CUDA's
+        return [f"cuda:{int(gpu)}" for gpu in ids]
+    entries = [entry.strip() for entry in visible.split(",")]
+    return [f"cuda:{entries.index(gpu) if gpu in entries else int(gpu)}" for gpu in ids]
+
+
+def with_assigned_devices(spec: WorkerSpec) -> WorkerSpec:
+    """The spec with each ``RAY_GPU`` / ``RAY_GPUS`` placeholder among its init kwargs replaced."""
+    placeholders = (RayGpu, RayGpus)
+    if not any(isinstance(value, placeholders) for value in spec.init_kwargs.values()):
+        return spec
+    devices = assigned_devices()
+    kwargs = {key: _filled(value, devices) for key, value in spec.init_kwargs.items()}
+    return dataclasses.replace(spec, init_kwargs=kwargs)
+
+
+def _filled(value: Any, devices: list[str]) -> Any:
+    if isinstance(value, RayGpu):
+        return devices[0]
+    if isinstance(value, RayGpus):
+        return list(devices)
+    return value
+
+
+class RayWorker(NamedTuple):
+    """How ``DevicePool(backend="ray")`` sets up one worker."""
+
+    device: str  # as the driver names it (in messages and ``DevicePool.devices``)
+    init_device: Any  # the device kwarg: "cpu", or RAY_GPU for the actor to resolve
+    init_devices: Any  # the devices kwarg: ["cpu"], or RAY_GPUS for the actor to resolve
+    env: dict[str, str]
+    actor_options: dict[str, Any]
+
+
+def plan_ray_workers(
+    devices: DeviceRequest,
+    available_gpus: int,
+    workers_per_device: int,
+    actor_options: dict[str, Any] | Sequence[dict[str, Any]] | None,
+    gpus_per_worker: int = 1,
+) -> list[RayWorker]:
+    """One ``RayWorker`` per worker: GPU actors ask Ray for GPUs, CPU actors see none.
+
+    ``actor_options`` (one dict for every worker, or one per worker) is merged over the pool's
+    own. A CPU actor's ``CUDA_VISIBLE_DEVICES`` is emptied: Ray (since it stopped overriding it
+    for actors that ask for no GPU) leaves every GPU of the node visible to them.
+    """
+    sizes = _group_sizes(devices, available_gpus, gpus_per_worker)
+    sizes = [size for size in sizes for _ in range(workers_per_device)]
+    if isinstance(actor_options, dict):
+        extra: Sequence[dict[str, Any]] = [actor_options] * len(sizes)
+    else:
+        extra = actor_options or [{}] * len(sizes)
+    if len(extra) != len(sizes):
+        raise ValueError(
+            f"ray_actor_options has {len(extra)} dicts for {len(sizes)} workers: give one dict "
+            "for all, or one per worker"
+        )
+    return [
+        _gpu_worker(size, workers_per_device, options)
+        if size
+        else RayWorker(CPU, CPU, [CPU], {"CUDA_VISIBLE_DEVICES": ""}, dict(options))
+        for size, options in zip(sizes, extra, strict=True)
+    ]
+
+
+def _gpu_worker(size: int, workers_per_device: int, options: dict[str, Any]) -> RayWorker:
+    """An actor on ``size`` GPUs, named as Ray's mask shows them to it (``cuda:0,cuda:1``)."""
+    label = ",".join(f"cuda:{ordinal}" for ordinal in range(size))
+    num_gpus = size if size > 1 else 1 / workers_per_device
+    return RayWorker(label, RAY_GPU, RAY_GPUS, {}, {"num_gpus": num_gpus, **options})
+
+
+def _group_sizes(devices: DeviceRequest, available: int, gpus_per_worker: int) -> list[int]:
+    """GPUs per worker, one entry per worker before ``workers_per_device``; 0 for a CPU worker."""
+    if is_group_list(devices):
+        groups = explicit_groups(devices, gpus_per_worker)
+        if len(groups) * len(groups[0]) > available:
+            raise ValueError(
+                f"devices={devices!r} asks for {len(groups) * len(groups[0])} GPUs but the Ray "
+                f"cluster has {available}"
+            )
+        return [len(group) for group in groups]
+    flags = _gpu_flags(devices, available)
+    if gpus_per_worker == 1 or (flags == [False] and devices == "auto"):
+        return [int(flag) for flag in flags]
+    names = [f"cuda:{ordinal}" if gpu else CPU for ordinal, gpu in enumerate(flags)]
+    return [len(group) for group in split_into_groups(names, gpus_per_worker, devices)]
+
+
+def _gpu_flags(devices: DeviceRequest, available: int) -> list[bool]:
+    """One flag per device requested: a GPU of the Ray cluster (True) or the CPU (False).
+
+    Ray chooses which GPU each actor gets, so a list entry other than ``"cpu"`` (``"cuda:1"``,
+    ``1``) counts as one GPU, whichever; ``"cpu"`` entries are CPU workers.
+    """
+    if devices == "auto":
+        return [True] * available or [False]
+    if isinstance(devices, str):
+        devices = [devices]
+    flags = [True] * devices if isinstance(devices, int) else [not _is_cpu(d) for d in devices]
+    if not flags:
+        raise ValueError(f"devices={devices!r} asks for no device")
+    if sum(flags) > available:
+        raise ValueError(f"{sum(flags)} GPU(s) requested but the Ray cluster has {available}")
+    return flags
+
+
+def _is_cpu(device: object) -> bool:
+    return isinstance(device, str) and device.strip().lower() == CPU
