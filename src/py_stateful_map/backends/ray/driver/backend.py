@@ -11,7 +11,8 @@
     send          -> actor.run_chunk.remote(frame[, buffers, refs]) ---> WorkerRuntime
     wait          <- ray.wait(start refs + each actor's oldest chunk ref + watch refs), probes
 
-The actor's side is ``backends.ray.actor.worker.ActorWorker``. Frames are the processes backend's: the parent
+The actor's side is ``backends.ray.actor.worker.ActorWorker``. Frames are the processes
+backend's: the parent
 pickles each chunk itself and the actor pickles each answer itself, so a value that cannot
 cross still fails one known item. Large buffers (numpy arrays, torch CPU tensors of 64 KiB or
 more) leave the pickle and travel next to the frame as pickle-5 buffers, which Ray writes once
