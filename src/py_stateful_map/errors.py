@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import signal
 
-from py_stateful_map.wire.messages import EXIT_POISONED
+#: Exit status of a worker that left because its device is poisoned (a sticky CUDA error):
+#: part of the protocol, defined here beside the words that describe exits (``describe_exit``).
+#: it answered its running chunk first, so nothing it held was running when it exited.
+EXIT_POISONED = 75
 
 
 class PoolError(Exception):

@@ -36,6 +36,7 @@ from typing import Any
 
 from py_stateful_map.backends.base import Backend
 from py_stateful_map.errors import (
+    EXIT_POISONED,
     PoolBrokenError,
     PoolError,
     SerializationError,
@@ -43,7 +44,6 @@ from py_stateful_map.errors import (
     describe_exit,
 )
 from py_stateful_map.wire.messages import (
-    EXIT_POISONED,
     ChunkDone,
     ChunkUnreadable,
     FromWorker,

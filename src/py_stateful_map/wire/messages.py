@@ -16,9 +16,6 @@ from typing import Any, TypeVar
 
 #: One failed item inside a chunk: (offset in the chunk, exception, worker traceback text).
 ItemError = tuple[int, BaseException, str]
-#: Exit status of a worker that left because its device is poisoned (a sticky CUDA error):
-#: it answered its running chunk first, so nothing it held was running when it exited.
-EXIT_POISONED = 75
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,8 +27,8 @@ import time
 from multiprocessing.connection import Connection
 from typing import NoReturn
 
+from py_stateful_map.errors import EXIT_POISONED
 from py_stateful_map.wire.messages import (
-    EXIT_POISONED,
     ChunkDone,
     ChunkUnreadable,
     InitFailed,

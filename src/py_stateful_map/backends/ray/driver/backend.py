@@ -67,9 +67,8 @@ from py_stateful_map.backends.ray.actor.worker import (
 )
 from py_stateful_map.backends.ray.codec import RayCodec
 from py_stateful_map.core.chunking import REMOTE_POLICY
-from py_stateful_map.errors import PoolBrokenError, SerializationError
+from py_stateful_map.errors import EXIT_POISONED, PoolBrokenError, SerializationError
 from py_stateful_map.wire.messages import (
-    EXIT_POISONED,
     ChunkDone,
     InitFailed,
     Ready,
