@@ -8,14 +8,8 @@ from __future__ import annotations
 
 from itertools import pairwise
 
-from py_stateful_map.core.chunking import (
-    LOCAL_POLICY,
-    MAX_CHUNK_BYTES,
-    PROBE_ITEMS,
-    REMOTE_POLICY,
-    ChunkMemory,
-    ChunkSizer,
-)
+from py_stateful_map.backends.chunk_policy import LOCAL_POLICY, REMOTE_POLICY
+from py_stateful_map.core.chunking import MAX_CHUNK_BYTES, PROBE_ITEMS, ChunkMemory, ChunkSizer
 
 FIRST_CHUNK_PARTS = LOCAL_POLICY.first_chunk_parts
 

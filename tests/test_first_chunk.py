@@ -14,8 +14,9 @@ from dataclasses import replace
 import pytest
 
 from py_stateful_map import StateFullWorkerPool
+from py_stateful_map.backends.chunk_policy import LOCAL_POLICY, REMOTE_POLICY
 from py_stateful_map.backends.inline import InlineBackend
-from py_stateful_map.core.chunking import LOCAL_POLICY, MAX_CHUNK_BYTES, PROBE_ITEMS, REMOTE_POLICY
+from py_stateful_map.core.chunking import MAX_CHUNK_BYTES, PROBE_ITEMS
 from py_stateful_map.core.dispatcher import Dispatcher
 from py_stateful_map.wire.serialization import pickled_size
 

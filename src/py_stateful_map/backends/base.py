@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from py_stateful_map.core.chunking import ChunkPolicy
 from py_stateful_map.wire.messages import FromWorker, ToWorker
+
+from .chunk_policy import ChunkPolicy
 
 #: (worker index, message) — every fact the scheduler learns arrives in this shape.
 Event = tuple[int, FromWorker]

@@ -10,11 +10,11 @@ import os
 import threading
 from collections import deque
 
-from py_stateful_map.core.chunking import IN_PROCESS_POLICY
 from py_stateful_map.wire.messages import RunChunk, ToWorker
 from py_stateful_map.worker.runtime import WorkerRuntime, WorkerSpec, propagates_interrupts
 
 from .base import Event
+from .chunk_policy import IN_PROCESS_POLICY
 
 #: Longest single wait for input while no answer can come.
 _IDLE_WAIT_SECONDS = 0.1

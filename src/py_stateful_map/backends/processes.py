@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from py_stateful_map.backends import process_tree as tree
-from py_stateful_map.core.chunking import LOCAL_POLICY
 from py_stateful_map.devices.discovery import ensure_fork_is_safe
 from py_stateful_map.errors import SerializationError
 from py_stateful_map.wire.messages import Stop, ToWorker, WorkerExited
@@ -48,6 +47,7 @@ from py_stateful_map.worker.process_main import worker_process_main
 from py_stateful_map.worker.runtime import WorkerSpec
 
 from .base import Event
+from .chunk_policy import LOCAL_POLICY
 from .crash_dirs import make_crash_dir
 from .orphans import sweep_orphans
 from .pipe_channel import PipeChannel

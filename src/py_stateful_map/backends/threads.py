@@ -15,12 +15,12 @@ import threading
 import time
 from collections.abc import Sequence
 
-from py_stateful_map.core.chunking import IN_PROCESS_POLICY
 from py_stateful_map.errors import EXIT_POISONED
 from py_stateful_map.wire.messages import RunChunk, Stop, ToWorker, WorkerExited
 from py_stateful_map.worker.runtime import WorkerRuntime, WorkerSpec, format_exception_text
 
 from .base import Event
+from .chunk_policy import IN_PROCESS_POLICY
 
 logger = logging.getLogger("py_stateful_map")
 

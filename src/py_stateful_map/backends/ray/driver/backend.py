@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from py_stateful_map.backends.base import Event
+from py_stateful_map.backends.chunk_policy import REMOTE_POLICY
 from py_stateful_map.backends.ray.actor.worker import (
     CONCURRENCY_GROUPS,
     METHOD_GROUPS,
@@ -66,7 +67,6 @@ from py_stateful_map.backends.ray.actor.worker import (
     Reply,
 )
 from py_stateful_map.backends.ray.codec import RayCodec
-from py_stateful_map.core.chunking import REMOTE_POLICY
 from py_stateful_map.errors import EXIT_POISONED, PoolBrokenError, SerializationError
 from py_stateful_map.wire.messages import (
     ChunkDone,
