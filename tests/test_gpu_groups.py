@@ -26,8 +26,9 @@ from typing import Any
 import pytest
 
 from py_stateful_map import DevicePool, WorkerInitError
-from py_stateful_map.backends.ray.driver import placement as _ray_devices
-from py_stateful_map.backends.ray.driver.placement import RAY_GPU, RAY_GPUS, plan_ray_workers
+from py_stateful_map.backends.ray.actor import devices as actor_devices
+from py_stateful_map.backends.ray.actor.devices import RAY_GPU, RAY_GPUS
+from py_stateful_map.backends.ray.driver.placement import plan_ray_workers
 from py_stateful_map.devices import discovery as dd
 from py_stateful_map.devices.groups import GroupPlacement, place_groups
 from py_stateful_map.worker.runtime import WorkerSpec
@@ -466,7 +467,7 @@ def test_ray_actor_fills_in_the_gpus_ray_assigned_it(
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     placeholders = {"device": RAY_GPU, "devices": RAY_GPUS, "x": 1}
     spec = WorkerSpec(target=GroupRecorder, init_kwargs=placeholders)
-    filled = _ray_devices.with_assigned_devices(spec).init_kwargs
+    filled = actor_devices.with_assigned_devices(spec).init_kwargs
     assert filled == {"device": expected[0], "devices": expected, "x": 1}
 
 

@@ -28,7 +28,6 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
-from py_stateful_map.backends.ray.driver.shipping import cloudpickle_module
 from py_stateful_map.wire.messages import evolve
 from py_stateful_map.wire.serialization import DETACH_THRESHOLD, Codec
 from py_stateful_map.wire.shared_memory import Descriptor, out_of_band_pickler
@@ -136,3 +135,12 @@ def _dump_with(
         pickler.persistent_id = persistent_id  # type: ignore[method-assign]
     pickler.dump(payload)
     return stream.getvalue(), buffers, refs
+
+
+def cloudpickle_module() -> Any:
+    """The ``cloudpickle`` package, else the copy Ray carries."""
+    try:
+        import cloudpickle
+    except ImportError:  # Ray carries its own copy
+        from ray import cloudpickle
+    return cloudpickle

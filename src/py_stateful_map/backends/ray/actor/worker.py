@@ -25,11 +25,12 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from py_stateful_map.backends.ray.codec import RayCodec
-from py_stateful_map.backends.ray.driver.placement import with_assigned_devices
 from py_stateful_map.wire.messages import InitFailed, Ready, ResendItemwise
 from py_stateful_map.wire.serialization import loads
 from py_stateful_map.worker.answers import RETAINED_ANSWERS, make_sendable, run_encoded_chunk
 from py_stateful_map.worker.runtime import WorkerRuntime, format_exception_text
+
+from .devices import with_assigned_devices
 
 #: Ray threads per concurrency group, besides the default group of one thread.
 CONCURRENCY_GROUPS = {"watch": 1, "control": 1}

@@ -15,8 +15,8 @@ import sys
 import sysconfig
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
+from py_stateful_map.backends.ray.codec import cloudpickle_module
 from py_stateful_map.wire.serialization import dumps_by_value
 from py_stateful_map.worker.runtime import WorkerSpec
 
@@ -41,15 +41,6 @@ def dumps_spec(spec: WorkerSpec) -> bytes:
         for module in added:
             cloudpickle.unregister_pickle_by_value(module)
     return data
-
-
-def cloudpickle_module() -> Any:
-    """The ``cloudpickle`` package, else the copy Ray carries."""
-    try:
-        import cloudpickle
-    except ImportError:  # Ray carries its own copy
-        from ray import cloudpickle
-    return cloudpickle
 
 
 def _module_of(obj: object) -> ModuleType | None:
