@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import pytest
 
 from py_stateful_map import DevicePool, ExceptionBehavior, StateFullWorkerPool
+from py_stateful_map import _cuda_state as cuda_state
 from py_stateful_map.devices import discovery as dd
 from py_stateful_map.wire.serialization import dumps
 from py_stateful_map.wire.shared_memory import SegmentPool, SegmentReader, prefix_for
@@ -270,7 +271,7 @@ def test_forkserver_preloads_no_user_module() -> None:
 @pytest.fixture
 def driver_started(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CUDA driver was initialized (``torch.cuda.is_available()``), torch's context not."""
-    monkeypatch.setattr(dd, "cuda_driver_initialized", lambda: True, raising=False)
+    monkeypatch.setattr(cuda_state, "cuda_driver_initialized", lambda: True)
 
 
 @pytest.mark.usefixtures("driver_started")
@@ -291,7 +292,7 @@ def test_fork_is_refused_for_a_restart_after_cuda_started(
 ) -> None:
     with StateFullWorkerPool(1, faults.run_item, start_method="fork") as pool:
         assert [r.ret_val for r in pool.map([faults.ok(1)])] == [1]
-        monkeypatch.setattr(dd, "cuda_driver_initialized", lambda: True, raising=False)
+        monkeypatch.setattr(cuda_state, "cuda_driver_initialized", lambda: True)
         with pytest.raises(RuntimeError, match=r"cannot use start_method='fork'"):
             list(pool.map([(faults.exit_worker, 3), faults.ok(2)]))
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeAlias
 
-from py_stateful_map.worker.environment import cuda_driver_initialized
+from py_stateful_map._cuda_state import cuda_initialized_in_this_process
 
 __all__ = [
     "DevicePlacement",
@@ -215,26 +215,6 @@ def visible_gpus(*, probe: DeviceProbe | None = None) -> list[VisibleGpu]:
     physical = list((probe or probe_physical_gpus)())
     tokens = _select_visible(os.environ.get(_CVD), physical)
     return [VisibleGpu(ordinal, token) for ordinal, token in enumerate(tokens)]
-
-
-def cuda_initialized_in_this_process() -> bool:
-    """Whether CUDA was initialized here: by torch, or the driver by anyone.
-
-    ``torch.cuda.is_initialized()`` alone misses the common case: ``torch.cuda.is_available()``
-    and ``device_count()`` call ``cudaGetDeviceCount``, which runs ``cuInit`` without setting
-    up torch's context. Never imports or initializes anything.
-    """
-    return _torch_initialized_cuda() or cuda_driver_initialized()
-
-
-def _torch_initialized_cuda() -> bool:
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return False
-    try:
-        return bool(torch.cuda.is_initialized())
-    except Exception:  # a half-imported or stubbed torch: it cannot have initialized CUDA
-        return False
 
 
 def ensure_fork_is_safe(start_method: str) -> None:

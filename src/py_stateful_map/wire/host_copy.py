@@ -35,6 +35,8 @@ from collections import ChainMap
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+from py_stateful_map._cuda_state import torch_cuda_initialized
+
 __all__ = [
     "move_to_cpu",
     "rebuild_tuple",
@@ -108,7 +110,7 @@ def _on_host(torch: Any, tensor: Any) -> Any:
         return None
     if kind != "cpu":
         return tensor.detach().to("cpu")
-    if _cuda_in_use(torch) and tensor.is_pinned():
+    if torch_cuda_initialized() and tensor.is_pinned():
         synchronize_cuda(torch)
     return tensor.detach() if tensor.requires_grad else tensor
 
@@ -137,14 +139,6 @@ def _view_as(array: Any, dtype: Any) -> Any:
 def _requiring_grad(rebuild: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     """Rebuild a leaf tensor that required grad as a fresh leaf that requires grad."""
     return rebuild(*args).requires_grad_()
-
-
-def _cuda_in_use(torch: Any) -> bool:
-    """Whether CUDA is initialized here; asking never initializes it."""
-    try:
-        return bool(torch.cuda.is_initialized())
-    except Exception:  # a CPU-only or half-imported torch
-        return False
 
 
 def synchronize_cuda(torch: Any) -> None:
@@ -183,7 +177,7 @@ def _to_cpu(value: Any, torch: Any, pinned: list[bool]) -> Any:
     if isinstance(value, torch.Tensor):
         if value.device.type not in ("cpu", "meta"):
             return value.detach().to("cpu")
-        if not pinned and value.device.type == "cpu" and _cuda_in_use(torch):
+        if not pinned and value.device.type == "cpu" and torch_cuda_initialized():
             with contextlib.suppress(RuntimeError):
                 if value.is_pinned():
                     pinned.append(True)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from py_stateful_map._cuda_state import torch_cuda_initialized
 from py_stateful_map.wire.host_copy import move_to_cpu, rebuild_tuple, tuple_fields
 
 from .device_errors import DevicePoisoned, is_sticky_device_error
@@ -268,13 +269,11 @@ def _release_cached_memory() -> None:
     Collect first: tensors caught in reference cycles hold blocks the cache cannot
     free. Skipped without CUDA, where there is no cache and a collection is waste.
     """
-    torch = sys.modules.get("torch")
-    if torch is None:
+    if not torch_cuda_initialized():
         return
     try:
-        if torch.cuda.is_initialized():
-            gc.collect()
-            torch.cuda.empty_cache()
+        gc.collect()
+        sys.modules["torch"].cuda.empty_cache()
     except Exception:  # never let cleanup replace the real outcome
         return
 

@@ -24,10 +24,15 @@ If the driver was initialized before the mask anyway (a forkserver that other co
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import sys
 from collections.abc import Mapping
+
+from py_stateful_map._cuda_state import (
+    CUDA_ERROR_NOT_INITIALIZED,
+    cuda_driver_initialized,
+    loaded_libcuda,
+)
 
 __all__ = [
     "WorkerName",
@@ -38,7 +43,6 @@ __all__ = [
 
 #: Read by the CUDA driver once, at ``cuInit``: changing them afterwards changes nothing.
 _READ_AT_CUINIT = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
-_CUDA_ERROR_NOT_INITIALIZED = 3
 _too_late: str | None = None  # set when the mask came after cuInit in this process
 
 
@@ -91,24 +95,6 @@ def ensure_environment_in_time(env: Mapping[str, str]) -> None:
         raise RuntimeError(_too_late)
 
 
-def cuda_driver_initialized() -> bool:
-    """Whether this process has called ``cuInit`` (through any library); loads nothing.
-
-    ``RTLD_NOLOAD`` finds libcuda only if something already loaded it. Before ``cuInit``
-    every driver call returns ``CUDA_ERROR_NOT_INITIALIZED``; any other answer means it ran.
-    (A process forked after its parent ran ``cuInit`` also gets that error: see
-    :func:`_inherited_driver_is_broken`.) The same test as vllm-project/vllm#44252.
-    """
-    lib = _loaded_libcuda()
-    if lib is None:
-        return False
-    count = ctypes.c_int(0)
-    try:
-        return bool(lib.cuDeviceGetCount(ctypes.byref(count)) != _CUDA_ERROR_NOT_INITIALIZED)
-    except AttributeError:
-        return False
-
-
 def _inherited_driver_is_broken() -> bool:
     """Whether this process was forked from one that had initialized CUDA.
 
@@ -117,22 +103,13 @@ def _inherited_driver_is_broken() -> bool:
     answers ``CUDA_ERROR_NOT_INITIALIZED`` (see triton-lang/triton#10443), where a fresh
     process succeeds (and so starts the driver already masked).
     """
-    lib = _loaded_libcuda()
+    lib = loaded_libcuda()
     if lib is None:
         return False
     try:
-        return bool(lib.cuInit(0) == _CUDA_ERROR_NOT_INITIALIZED)
+        return bool(lib.cuInit(0) == CUDA_ERROR_NOT_INITIALIZED)
     except AttributeError:
         return False
-
-
-def _loaded_libcuda() -> ctypes.CDLL | None:
-    for name in ("libcuda.so.1", "libcuda.so"):
-        try:
-            return ctypes.CDLL(name, mode=getattr(os, "RTLD_NOLOAD", 4))
-        except OSError:
-            continue
-    return None
 
 
 def _describe_late_mask(wanted: Mapping[str, str]) -> str:

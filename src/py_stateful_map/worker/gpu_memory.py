@@ -25,6 +25,8 @@ import re
 import sys
 from typing import Any
 
+from py_stateful_map._cuda_state import torch_cuda_initialized
+
 __all__ = ["WORKERS_ON_DEVICE", "MemoryShare", "is_out_of_memory"]
 
 _log = logging.getLogger("py_stateful_map")
@@ -99,7 +101,7 @@ class MemoryShare:
         if self._settled:
             return True
         torch = sys.modules.get("torch")
-        if torch is None or not _cuda_initialized(torch):
+        if torch is None or not torch_cuda_initialized():
             return False
         self._settled = True
         try:
@@ -121,10 +123,3 @@ class MemoryShare:
         _log.info(
             "GPU shared by %d workers: this one may use %.0f%%", self._workers, 100 * fraction
         )
-
-
-def _cuda_initialized(torch: Any) -> bool:
-    try:
-        return bool(torch.cuda.is_initialized())
-    except Exception:
-        return False

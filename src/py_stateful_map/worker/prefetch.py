@@ -32,6 +32,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
+from py_stateful_map._cuda_state import torch_cuda_initialized
+
 __all__ = ["DEFAULT_PREFETCH", "BatchPreparer", "check_prefetch", "chunk_batches", "prepare_of"]
 
 #: ``prefetch`` when the caller gives none: one batch prepared while the current one runs.
@@ -189,7 +191,7 @@ def _current_cuda_device() -> int | None:
     ``cuda:1`` would prepare (pin, copy) its batches on GPU 0.
     """
     torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_initialized():
+    if torch is None or not torch_cuda_initialized():
         return None
     return int(torch.cuda.current_device())
 
