@@ -2,7 +2,8 @@
 #   make demo   - create .venv on first use, install, embed a corpus with a real model
 #                 (all-MiniLM-L6-v2, shipped by a package) on every device, then search it
 #   make test   - create .venv on first use, install, run the whole test suite
-#                 (ruff, mypy --strict on src/, pytest)
+#                 (ruff, the import-layer contracts, mypy --strict on src/, pytest)
+#   make check  - the fast inner loop: the same checks and every test not marked slow
 # Versions are pinned by constraints/ci.txt so every run installs the same thing.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test pytest lint typecheck bench bench-embed clean
+.PHONY: demo test check pytest pytest-fast lint typecheck bench bench-embed clean
 
 $(STAMP): pyproject.toml constraints/ci.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +24,18 @@ demo: $(STAMP)
 
 test: lint typecheck pytest
 
+check: lint typecheck pytest-fast
+
 pytest: $(STAMP)
 	$(PY) -m pytest
+
+pytest-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks
 	$(VENV)/bin/ruff format --check src
+	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

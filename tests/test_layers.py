@@ -1,53 +1,57 @@
-"""The code that runs inside a worker imports nothing of the code that steers it.
+"""The worker side, as it is really loaded, imports nothing of the code that steers it.
 
-A worker process (or Ray actor) imports the worker side only: the loop, the runtime, the
-batch runner, the transport. Importing the parent's scheduler there would cost start-up time,
-and the one-way dependency keeps policy out of the child (see STYLE.md).
+``lint-imports`` checks the same rule statically from ``[tool.importlinter]`` in
+``pyproject.toml`` (run by ``make test``); this test checks what a worker process actually
+loads, lazy imports included, so that a function-level import cannot slip past the contract.
+The forbidden packages are read from that contract, not kept as a second list here.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
-WORKER_SIDE = [
-    "py_stateful_map.worker.process_main",
-    "py_stateful_map.worker.answers",
-    "py_stateful_map.worker.runtime",
-    "py_stateful_map.worker.batch_runner",
-    "py_stateful_map.backends.ray.actor.worker",
-]
-PARENT_SIDE = {
-    "py_stateful_map.pool",
-    "py_stateful_map.device_pool",
-    "py_stateful_map.core.dispatcher",
-    "py_stateful_map.core.map_run",
-    "py_stateful_map.core.slots",
-    "py_stateful_map.core.input_reader",
-    "py_stateful_map.core.length_chunks",
-    "py_stateful_map.core.chunking",
-    "py_stateful_map.core.progress",
-    "py_stateful_map.core.fault_reports",
-    "py_stateful_map.backends.orphans",
-    "py_stateful_map.core.intake",
-    "py_stateful_map.checkpoint",
-    "py_stateful_map.checkpoint.run",
-    "py_stateful_map.checkpoint.file",
-    "py_stateful_map.backends.processes",
-    "py_stateful_map.backends.threads",
-    "py_stateful_map.backends.ray.driver.backend",
-}
+from py_stateful_map.backends.processes import _preload_modules
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_worker_side_imports_no_parent_side_module() -> None:
+def worker_contract() -> dict[str, list[str]]:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (contract,) = [c for c in config["contracts"] if c["type"] == "forbidden"]
+    return contract
+
+
+def loaded_after_importing(modules: list[str]) -> list[str]:
     code = (
         "import importlib, sys\n"
-        f"for name in {WORKER_SIDE!r}:\n"
+        f"for name in {modules!r}:\n"
         "    importlib.import_module(name)\n"
         "print(' '.join(sorted(m for m in sys.modules if m.startswith('py_stateful_map'))))\n"
     )
-    loaded = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout.split()
-    assert set(WORKER_SIDE) <= set(loaded)
-    assert PARENT_SIDE.isdisjoint(loaded), sorted(PARENT_SIDE.intersection(loaded))
+
+
+def test_worker_entry_points_load_no_parent_side_module() -> None:
+    contract = worker_contract()
+    entry_points = [
+        "py_stateful_map.worker.process_main",  # what a worker process runs
+        "py_stateful_map.backends.ray.actor.worker",  # what a Ray actor runs
+    ]
+    loaded = loaded_after_importing(entry_points)
+    assert set(entry_points) <= set(loaded)
+    forbidden = tuple(contract["forbidden_modules"])
+    steering = [m for m in loaded if m in forbidden or m.startswith(tuple(f + "." for f in forbidden))]
+    assert steering == [], f"a worker loads parent-side modules: {steering}"
+
+
+def test_every_module_the_forkserver_preloads_exists() -> None:
+    """A stale name in the preload list fails nothing at run time: multiprocessing skips it."""
+    preloaded = [m for m in _preload_modules([]) if m.startswith("py_stateful_map")]
+    assert preloaded, "the forkserver preloads the worker's entry point"
+    loaded = loaded_after_importing(preloaded)
+    assert set(preloaded) <= set(loaded)
