@@ -1,4 +1,4 @@
-"""The side of the Ray backend that runs inside each actor (see ``ray.py`` for the whole).
+"""The side of the Ray backend that runs inside each actor (see ``driver.backend`` for the whole).
 
 ``start()`` and ``run_chunk()`` run in the actor's default concurrency group, which has one
 thread: user code runs one chunk at a time, always on that thread (thread-local state such

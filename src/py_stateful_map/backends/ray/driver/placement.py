@@ -1,12 +1,9 @@
-"""The GPUs of a Ray actor, which only the actor can know.
+"""The driver's plan of Ray actors for ``DevicePool``: how many GPUs each asks Ray for.
 
-Ray picks which GPUs an actor gets when it places it; the driver cannot. ``DevicePool`` therefore
-hands a GPU actor placeholders: ``RAY_GPU`` as its device and ``RAY_GPUS`` as its group (the
-``devices`` kwarg). The actor replaces them before building the worker, from the ids Ray assigned
-it (``ray.get_gpu_ids()``): ``cuda:0``, ``cuda:1``... where Ray set ``CUDA_VISIBLE_DEVICES`` to
-those GPUs (its default), the GPUs' own indices where it did not
-(``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1``). An actor on a group of k GPUs asks Ray for
-``num_gpus=k``; which k, Ray decides (an explicit group such as ``[0, 1]`` counts as 2 GPUs).
+Ray picks which GPUs an actor gets when it places it; the driver cannot. The plan therefore
+hands a GPU actor placeholders (``actor.devices.RAY_GPU`` and ``RAY_GPUS``) that the actor fills
+in itself. An actor on a group of k GPUs asks Ray for ``num_gpus=k``; which k, Ray decides (an
+explicit group such as ``[0, 1]`` counts as 2 GPUs).
 """
 
 from __future__ import annotations
