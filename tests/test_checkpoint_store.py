@@ -255,6 +255,23 @@ def test_key_callable_identifies_items_across_reordered_input(tmp_path: Path) ->
     assert info.value.key == "doc3" and info.value.position == 4
 
 
+def test_two_items_with_one_key_are_refused_naming_the_key_and_both_positions(
+    tmp_path: Path,
+) -> None:
+    """Issue 22 item 3: both ran, one result replaced the other, a resume handed it to both."""
+    path = tmp_path / "c.sqlite"
+    by_id = {"key": lambda d: d["id"]}
+    docs = [{"id": i, "v": i} for i in ("a", "b", "c", "a")]
+    with pytest.raises(ValueError, match=r"input items 0 and 3 the same key 'a'"):
+        planned(path, docs, window=2, **by_id)  # fresh run, the two in different windows
+    with pytest.raises(ValueError, match=r"input items 1 and 2 the same key 'b'"):
+        planned(path, [docs[0], docs[1], docs[1]], window=4, **by_id)  # in one window
+    write(path, [1, 2], docs[:2], **by_id)
+    with pytest.raises(ValueError, match=r"input items 0 and 2 the same key 'a'"):
+        planned(path, [docs[0], docs[1], docs[0]], window=1, **by_id)  # both stored: resumed
+    assert stored_values(planned(path, docs[:3], window=1, **by_id)) == {0: 1, 1: 2}
+
+
 def test_key_must_be_int_str_or_bytes(tmp_path: Path) -> None:
     with open_run(tmp_path / "c.sqlite", key=lambda item: (item, 1)) as run:
         with pytest.raises(TypeError, match="must be an int, str or bytes"):

@@ -109,6 +109,16 @@ def test_a_changed_input_item_is_named(tmp_path: Path) -> None:
             list(pool.map(changed, checkpoint=store))
 
 
+def test_two_items_with_one_key_fail_the_map_before_the_second_runs(tmp_path: Path) -> None:
+    """Issue 22 item 3: three items ran, two were kept, a resume mixed up their results."""
+    log, store = tmp_path / "runs.txt", tmp_path / "run.ckpt"
+    checkpoint = Checkpoint(store, key=lambda x: str(x % 5))
+    with make_pool("inline", log, exception_behavior=DEFERRED) as pool:
+        with pytest.raises(ValueError, match=r"input items 1 and 5 the same key '1'"):
+            list(pool.map([0, 1, 2, 3, 4, 6], checkpoint=checkpoint))
+    assert 6 not in hostile.runs_logged(str(log))
+
+
 def test_a_changed_worker_kwarg_refuses_to_resume_unless_forced(tmp_path: Path) -> None:
     log, store = tmp_path / "runs.txt", tmp_path / "run.ckpt"
     with make_pool("threads", log, exception_behavior=DEFERRED) as pool:

@@ -91,8 +91,9 @@ class Checkpoint:
     Args:
         path: the database file (created on first use; its directory must exist).
         key: ``key(item)`` identifies an item across runs (an int, str or bytes, unique per
-            item) instead of its position in the input: for inputs that are reordered or
-            filtered between runs. Positions are faster: a stored row then holds many items.
+            item: a second item with a key already given is a ``ValueError``, before it runs)
+            instead of its position in the input: for inputs that are reordered or filtered
+            between runs. Positions are faster: a stored row then holds many items.
         run_id: any label of the job (``str``); a checkpoint written under another one is
             refused, like a different worker class or init kwarg.
         force: resume even when the job differs from the manifest's (the manifest is then

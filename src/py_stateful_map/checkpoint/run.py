@@ -23,6 +23,12 @@ nothing (``stored_end``): a fresh run never queries.
 
 Invariants the loop keeps: each position is recorded at most once per run, never one that
 ``plan`` returned as stored; ``plan`` is called for increasing positions.
+
+With ``key=...`` a row holds one item, found by its key: two items of one run with the same key
+would both run, one result would replace the other, and a resume would hand that result to
+both. ``plan`` refuses the second such item before it runs (a ``ValueError`` naming the key
+and both positions). The keys a run has planned are kept in a temporary table of its SQLite
+connection, not in a Python set, so memory stays O(read window) there too.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ AUTO_FLUSH_SECONDS = 2.0
 _IN_BATCH = 500  # keys per "IN (...)" query (SQLite allows 32766 parameters)
 _INSERT = "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)"
 _KEY_TYPES = frozenset({int, str, bytes})
+#: The keys this run planned, and where (custom keys only; see the module docstring).
+_SEEN_TABLE = "CREATE TEMP TABLE planned_keys (key NOT NULL PRIMARY KEY, position INTEGER)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +147,8 @@ class CheckpointRun:
         self._wal = WalCopier(path)
         conn.execute("PRAGMA wal_autocheckpoint=0")  # see WalCopier
         self._key = key
+        if key is not None:
+            conn.execute(_SEEN_TABLE)
         self._retry_failed = retry_failed
         self._verify = verify_inputs
         #: Positions at or past this held nothing when the run opened (custom keys: 0 = empty).
@@ -164,8 +174,8 @@ class CheckpointRun:
         if not items:
             return []
         if start >= self.stored_end:
-            if self._key is not None:
-                self._keys(items[:1])  # a key function that cannot work fails before items run
+            if self._key is not None:  # a key function that cannot work fails before items run
+                self._claim(start, self._keys(items))
             return [ToRun(start, items)]
         builder = _SpanBuilder(start, items)
         try:
@@ -214,6 +224,7 @@ class CheckpointRun:
     def _plan_keys(self, builder: _SpanBuilder) -> None:
         items = builder.items
         keys = self._keys(items)
+        self._claim(builder.start, keys)
         rows = self._rows_for(keys)
         prints = fingerprints(items) if rows and self._verify else b""  # one pass for all
         size = FINGERPRINT_SIZE
@@ -241,6 +252,35 @@ class CheckpointRun:
             ):
                 found[row[0]] = _Row(row)
         return found
+
+    def _claim(self, start: int, keys: list[Any]) -> None:
+        """Note that this run gives positions ``start, ...`` these keys; refuse a key twice."""
+        here: dict[Any, int] = {}
+        for position, key in enumerate(keys, start):
+            first = here.setdefault(key, position)
+            if first != position:
+                raise _duplicate_key(key, first, position)
+        try:
+            for low in range(0, len(keys), _IN_BATCH):
+                batch = keys[low : low + _IN_BATCH]
+                marks = ",".join("?" * len(batch))
+                clash = self._conn.execute(
+                    f"SELECT key, position FROM temp.planned_keys WHERE key IN ({marks}) "
+                    "ORDER BY position LIMIT 1",
+                    batch,
+                ).fetchone()
+                if clash is not None:
+                    raise _duplicate_key(clash[0], clash[1], here[clash[0]])
+            conn = self._conn
+            conn.execute("BEGIN")  # one transaction of the temporary table per window
+            try:
+                conn.executemany("INSERT INTO temp.planned_keys VALUES (?, ?)", here.items())
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+        except sqlite3.DatabaseError as exc:
+            raise damaged(self.path, exc) from exc
 
     def _check_inputs(
         self, row: _Row, position: int, items: list[Any], key: Any = None, got: bytes = b""
@@ -442,6 +482,14 @@ class CheckpointRun:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _duplicate_key(key: Any, first: int, second: int) -> ValueError:
+    return ValueError(
+        f"key= gave input items {first} and {second} the same key {key!r}: a checkpoint keeps "
+        "one result per key, so one item's result would replace the other's, and a resume "
+        "would hand it to both. Make key(item) unique per item, or leave key=None (positions)."
+    )
 
 
 class _SpanBuilder:
