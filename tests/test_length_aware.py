@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from py_stateful_map import DevicePool, ExceptionBehavior, StateFullWorkerPool
+from py_stateful_map.core.length_batching import ItemCostError
 
 from .conftest import LOCAL_BACKENDS
 
@@ -138,6 +139,58 @@ def test_failing_length_fn_fails_that_item_only() -> None:
         pytest.raises(ValueError, match="must return a number"),
     ):
         list(pool.map(["a", "b"]))
+
+
+def odd_costs(item: str) -> Any:
+    """A length_fn gone wrong on some items: a huge int, NaN, a negative number, a string."""
+    return {"huge": 10**400, "nan": float("nan"), "negative": -3, "text": "long"}.get(
+        item, len(item)
+    )
+
+
+def test_length_fn_returning_a_huge_int_nan_negative_or_text_fails_that_item_only() -> None:
+    """Issue 22 item 7: 10**400 raised OverflowError out of map(); the rest never ran."""
+    items = ["one", "huge", "three", "nan", "five", "negative", "seven", "text", "nine"]
+    with StateFullWorkerPool(
+        2,
+        PaddedModel,
+        batch_size=4,
+        length_fn=odd_costs,
+        exception_behavior=DEFERRED,
+        backend="threads",
+    ) as pool:
+        got = list(pool.map(items))
+        assert [r.obj_id for r in got] == list(range(9))
+        failed = {r.obj_id: r.exception_obj for r in got if r.exception_obj is not None}
+        assert sorted(failed) == [1, 3, 5, 7]
+        assert all(isinstance(error, ItemCostError) for error in failed.values())
+        assert [got[i].ret_val[0] for i in (0, 2, 4, 6, 8)] == [3, 5, 4, 5, 4]
+    with StateFullWorkerPool(
+        1, PaddedModel, batch_size=4, length_fn=odd_costs, backend="threads"
+    ) as pool:
+        with pytest.raises(ItemCostError, match="item 2, which is not a float") as info:
+            list(pool.imap(["one", "three", "huge", "five"]))  # IMMEDIATE: raised on arrival
+        assert info.value.obj_id == 2
+        assert [v[0] for v in pool.imap(["one", "three"])] == [3, 5]  # the pool goes on
+
+
+def test_batch_size_true_is_refused_before_any_worker_starts() -> None:
+    """Issue 22 item 7: True passed as an int, then every worker refused it in its constructor."""
+    built.clear()
+    with pytest.raises(ValueError, match="batch_size must be a positive int or None, got True"):
+        StateFullWorkerPool(1, CountedModel, batch_size=True, backend="threads")
+    with pytest.raises(ValueError, match="batch_size must be a positive int or None, got True"):
+        DevicePool(CountedModel, devices="cpu", batch_size=True, backend="threads")
+    assert built == []
+
+
+built: list[str] = []
+
+
+class CountedModel(PaddedModel):
+    def __init__(self, device: str = "cpu") -> None:
+        built.append(device)
+        super().__init__(device)
 
 
 def test_a_stalled_input_still_streams() -> None:

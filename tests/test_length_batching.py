@@ -265,6 +265,16 @@ def test_length_fn_returning_a_non_number_fails_that_item(value, pattern) -> Non
     assert info.value.obj_id == 3
 
 
+def test_length_fn_returning_an_int_too_large_for_a_float_fails_that_item() -> None:
+    """Issue 22 item 7: 10**400 raised OverflowError out of the planner, ending the map."""
+    with pytest.raises(ItemCostError, match=r"item 3, which is not a float") as info:
+        item_cost(lambda _: 10**400, "item", 3)
+    assert info.value.obj_id == 3
+    assert isinstance(info.value.__cause__, OverflowError)
+    assert len(str(info.value)) < 200  # the int's 401 digits are cut short
+    assert item_cost(lambda _: 10**300, "item", 4) == 1e300  # large but a float: a cost
+
+
 def test_numpy_numbers_are_costs() -> None:
     np = pytest.importorskip("numpy")
     assert item_cost(lambda _: np.int64(5), "x", 0) == 5

@@ -457,7 +457,9 @@ def _validate(
         ("max_tasks_per_worker", max_tasks_per_worker),
         ("init_concurrency", init_concurrency),
     ):
-        if value is not None and (not isinstance(value, int) or value < 1):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")
     if max_retries < 0:
         raise ValueError(f"max_retries must be >= 0, got {max_retries}")

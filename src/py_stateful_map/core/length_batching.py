@@ -144,8 +144,12 @@ sort_window=512)
 def item_cost(length_fn: Callable[[Any], Any], item: Any, position: int) -> float:
     """``length_fn(item)`` checked: a finite number >= 0, else ``ItemCostError`` naming the item.
 
+    The cost comes back as a float, the type every sum and product of costs is done in: an
+    int too large for one (``10**400``) fails its item here instead of raising
+    ``OverflowError`` out of the planner, and so out of the whole map.
+
     >>> item_cost(len, "four", 0)
-    4
+    4.0
     >>> item_cost(len, 7, 3)
     Traceback (most recent call last):
     ...
@@ -160,16 +164,33 @@ object of type 'int' has no len()
         ) from exc
     if isinstance(cost, bool) or not isinstance(cost, Real):
         raise ItemCostError(
-            f"length_fn returned {cost!r} ({type(cost).__name__}) for item {position}; "
+            f"length_fn returned {_shown(cost)} ({type(cost).__name__}) for item {position}; "
             "it must return a number, e.g. len(item)",
             position,
         )
-    if not math.isfinite(cost) or cost < 0:
+    try:
+        number = float(cost)  # a Real: int, float, Fraction, numpy scalar
+    except (OverflowError, TypeError, ValueError) as exc:
         raise ItemCostError(
-            f"length_fn returned {cost!r} for item {position}; it must be finite and >= 0",
+            f"length_fn returned {_shown(cost)} for item {position}, which is not a float "
+            f"({type(exc).__name__}: {exc}); it must be a finite number >= 0",
+            position,
+        ) from exc
+    if not math.isfinite(number) or number < 0:
+        raise ItemCostError(
+            f"length_fn returned {_shown(cost)} for item {position}; it must be finite and >= 0",
             position,
         )
-    return cost  # type: ignore[return-value]  # a Real: int, float, numpy scalar
+    return number
+
+
+def _shown(cost: object) -> str:
+    """``repr(cost)``, cut short: a huge int's repr is hundreds of digits (or refused)."""
+    try:
+        text = repr(cost)
+    except Exception:  # e.g. ValueError: int too large for its decimal string (gh-95778)
+        return f"a {type(cost).__name__} that cannot be shown"
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
 
 
 def plan_batches(
@@ -313,5 +334,8 @@ class LengthBatcher:
 def _is_positive_number(value: object) -> bool:
     if isinstance(value, bool) or not isinstance(value, Real):
         return False
-    number = float(value)
+    try:
+        number = float(value)
+    except (OverflowError, TypeError, ValueError):  # 10**400: no float holds it
+        return False
     return math.isfinite(number) and number > 0
