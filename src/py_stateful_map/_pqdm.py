@@ -14,10 +14,10 @@ input may be a lazy iterable (read with a bounded window, so ``bounded`` is alwa
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from py_stateful_map.options import OPTION_NAMES, PoolOptions
 from py_stateful_map.pool import StateFullWorkerPool
 from py_stateful_map.results import ArgumentPassing, ExceptionBehavior
 
@@ -32,8 +32,8 @@ _EXCEPTION_BEHAVIOURS = {
     "deferred": ExceptionBehavior.DEFERRED,
     "immediate": ExceptionBehavior.IMMEDIATE,
 }
-_POOL_OPTIONS = frozenset(inspect.signature(StateFullWorkerPool.__init__).parameters) - {
-    "self",
+#: Keywords that go to the pool; the others go to the progress bar, as in pqdm.
+_POOL_OPTIONS = OPTION_NAMES - {
     "num_workers",
     "worker_class_or_func",
     "argument_passing",
@@ -65,15 +65,16 @@ def run_pqdm(
     pool_options = {k: v for k, v in options.items() if k in _POOL_OPTIONS}
     bar_options = {k: v for k, v in options.items() if k not in _POOL_OPTIONS}
     bar = functools.partial(_default_tqdm() if tqdm_class is None else tqdm_class, **bar_options)
-    with StateFullWorkerPool[Any](
-        0 if n_jobs == 1 else n_jobs,
-        function,
+    checked = PoolOptions.create(
+        num_workers=0 if n_jobs == 1 else n_jobs,
+        worker_class_or_func=function,
         argument_passing=_ARGUMENT_TYPES[argument_type],
         exception_behavior=_EXCEPTION_BEHAVIOURS[exception_behaviour],
         backend=backend,
         progress=bar,
         **pool_options,
-    ) as pool:
+    )
+    with StateFullWorkerPool[Any].from_options(checked) as pool:
         if exception_behaviour == "immediate":  # the first error raises: bare values suffice
             return list(pool.imap(array))
         outcomes = [

@@ -20,6 +20,7 @@ from typing import Any
 
 from py_stateful_map.devices.discovery import CPU, DeviceProbe, DeviceRequest
 from py_stateful_map.devices.groups import GroupPlacement, check_grouping, place_groups
+from py_stateful_map.options import PoolOptions
 from py_stateful_map.pool import StateFullWorkerPool
 from py_stateful_map.results import T
 from py_stateful_map.worker.gpu_memory import WORKERS_ON_DEVICE
@@ -86,33 +87,36 @@ class DevicePool(StateFullWorkerPool[T]):
         check_grouping(devices, gpus_per_worker, workers_per_device)
         if devices_kwarg is not None and devices_kwarg == device_kwarg:
             raise ValueError(f"device_kwarg and devices_kwarg are both {device_kwarg!r}")
+        if "num_workers" in pool_options or "worker_class_or_func" in pool_options:
+            raise TypeError(
+                "DevicePool counts its workers from devices and workers_per_device, and takes "
+                "the worker as its first argument: pass neither num_workers nor "
+                "worker_class_or_func"
+            )
+        options = PoolOptions.create(
+            worker_class_or_func=worker_class,
+            shared_kwarg_dict=shared_kwarg_dict,
+            batch_size=batch_size,
+            collate_fn=collate_fn,
+            init_concurrency=init_concurrency,
+            **pool_options,
+        )
         injection = _Injection(
             device_kwarg,
             devices_kwarg if _accepts_keyword(worker_class, devices_kwarg) else None,
-            shared_kwarg_dict or {},
+            options.shared_kwarg_dict,
         )
-        if pool_options.get("backend") == "ray":
-            self._init_on_ray(
-                worker_class,
-                devices,
-                workers_per_device,
-                gpus_per_worker,
-                injection,
-                batch_size,
-                collate_fn,
-                shared_kwarg_dict,
-                init_concurrency,
-                pool_options,
-            )
+        if options.backend == "ray":
+            self._open_on_ray(options, devices, workers_per_device, gpus_per_worker, injection)
             return
         placements = [
             placement
             for placement in place_groups(devices, gpus_per_worker, probe=device_probe)
             for _ in range(workers_per_device)
         ]
-        in_processes = _runs_in_processes(pool_options)
+        in_processes = options.backend == "processes"
         self.devices: list[str] = [placement.label for placement in placements]
-        per_worker = pool_options.pop("worker_kwarg_dict_arr", None) or [{}] * len(placements)
+        per_worker = options.worker_kwarg_dict_arr or [{}] * len(placements)
         if len(per_worker) != len(placements):
             raise ValueError(
                 f"worker_kwarg_dict_arr has {len(per_worker)} dicts for {len(placements)} "
@@ -122,33 +126,27 @@ class DevicePool(StateFullWorkerPool[T]):
             injection.kwargs(extra, p.worker_devices if in_processes else p.devices)
             for p, extra in zip(placements, per_worker, strict=True)
         ]
-        if _runs_in_threads(pool_options):
-            worker_class, init_kwargs = _on_thread_devices(worker_class, placements, init_kwargs)
-        super().__init__(
-            len(placements),
-            worker_class,
-            shared_kwarg_dict,
-            init_kwargs,
-            batch_size=batch_size,
-            collate_fn=collate_fn,
-            init_concurrency=init_concurrency,
-            worker_env_arr=_environments(placements) if in_processes else None,
-            worker_device_arr=self.devices,
-            **pool_options,
+        worker = options.worker_class_or_func
+        if options.backend == "threads":
+            worker, init_kwargs = _on_thread_devices(worker, placements, init_kwargs)
+        envs = _environments(placements) if in_processes else None
+        self._open(
+            options.for_workers(
+                len(placements),
+                worker_class_or_func=worker,
+                worker_kwarg_dict_arr=init_kwargs,
+                worker_env_arr=_merged_environments(envs, options.worker_env_arr),
+                worker_device_arr=self.devices,
+            )
         )
 
-    def _init_on_ray(
+    def _open_on_ray(
         self,
-        worker_class: Callable[..., Any],
+        options: PoolOptions,
         devices: DeviceRequest,
         workers_per_device: int,
         gpus_per_worker: int,
         injection: _Injection,
-        batch_size: int | None,
-        collate_fn: Callable[[list[Any]], Any] | None,
-        shared_kwarg_dict: dict[str, Any] | None,
-        init_concurrency: int | None,
-        pool_options: dict[str, Any],
     ) -> None:
         """Devices of a Ray cluster: Ray picks the GPUs of each actor and hides the others.
 
@@ -162,37 +160,29 @@ class DevicePool(StateFullWorkerPool[T]):
         from py_stateful_map.backends.ray.driver.placement import plan_ray_workers
         from py_stateful_map.backends.ray.driver.session import cluster_gpus
 
-        with cluster_gpus(pool_options.get("ray_address")) as available:
+        with cluster_gpus(options.ray_address) as available:
             workers = plan_ray_workers(
-                devices,
-                available,
-                workers_per_device,
-                pool_options.pop("ray_actor_options", None),
-                gpus_per_worker,
+                devices, available, workers_per_device, options.ray_actor_options, gpus_per_worker
             )
             count = len(workers)
             self.devices = [worker.device for worker in workers]
-            per_worker = pool_options.pop("worker_kwarg_dict_arr", None) or [{}] * count
-            envs = pool_options.pop("worker_env_arr", None) or [{}] * count
+            per_worker = options.worker_kwarg_dict_arr or [{}] * count
+            envs = options.worker_env_arr or [{}] * count
             if len(per_worker) != count or len(envs) != count:
                 raise ValueError(
                     f"worker_kwarg_dict_arr and worker_env_arr need one entry per worker ({count})"
                 )
-            super().__init__(
-                count,
-                worker_class,
-                shared_kwarg_dict,
-                [
-                    injection.ray_kwargs(extra, w.init_device, w.init_devices)
-                    for w, extra in zip(workers, per_worker, strict=True)
-                ],
-                batch_size=batch_size,
-                collate_fn=collate_fn,
-                init_concurrency=init_concurrency,
-                ray_actor_options=[worker.actor_options for worker in workers],
-                worker_env_arr=[{**w.env, **env} for w, env in zip(workers, envs, strict=True)],
-                worker_device_arr=self.devices,
-                **pool_options,
+            self._open(
+                options.for_workers(
+                    count,
+                    worker_kwarg_dict_arr=[
+                        injection.ray_kwargs(extra, w.init_device, w.init_devices)
+                        for w, extra in zip(workers, per_worker, strict=True)
+                    ],
+                    ray_actor_options=[worker.actor_options for worker in workers],
+                    worker_env_arr=[{**w.env, **env} for w, env in zip(workers, envs, strict=True)],
+                    worker_device_arr=self.devices,
+                )
             )
 
 
@@ -237,12 +227,6 @@ def _accepts_keyword(worker_class: Callable[..., Any], name: str | None) -> bool
     )
 
 
-def _runs_in_processes(options: dict[str, Any]) -> bool:
-    if options.get("use_threads"):
-        return False
-    return bool(options.get("backend", "processes") == "processes")
-
-
 def _usable_cores() -> int:
     """Cores this process may run on (CPU affinity and cgroup-pinned sets respected)."""
     try:
@@ -266,8 +250,18 @@ def _environments(placements: Sequence[GroupPlacement]) -> list[dict[str, str]]:
     return environments
 
 
-def _runs_in_threads(options: dict[str, Any]) -> bool:
-    return bool(options.get("use_threads")) or options.get("backend") == "threads"
+def _merged_environments(
+    placed: list[dict[str, str]] | None, given: Sequence[Mapping[str, str]] | None
+) -> list[dict[str, str]] | None:
+    """Each process worker's device environment, with the caller's ``worker_env_arr`` over it."""
+    if placed is None or given is None:
+        return placed if given is None else [dict(env) for env in given]
+    if len(given) != len(placed):
+        raise ValueError(
+            f"worker_env_arr has {len(given)} entries for {len(placed)} workers; give one per "
+            "worker"
+        )
+    return [{**own, **dict(extra)} for own, extra in zip(placed, given, strict=True)]
 
 
 def _on_thread_devices(

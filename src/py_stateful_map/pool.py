@@ -9,9 +9,7 @@ the worker.
 
 from __future__ import annotations
 
-import inspect
 import logging
-import multiprocessing
 import os
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,7 +20,6 @@ from py_stateful_map.checkpoint.api import Checkpoint, as_checkpoint
 from py_stateful_map.checkpoint.run import CheckpointRun
 from py_stateful_map.core.chunking import ChunkMemory, ChunkSizer
 from py_stateful_map.core.dispatcher import Dispatcher, FaultPolicy
-from py_stateful_map.core.length_batching import LengthBatching
 from py_stateful_map.core.map_run import MapResult, MapRun
 from py_stateful_map.core.progress import (
     ProgressOption,
@@ -32,9 +29,10 @@ from py_stateful_map.core.progress import (
 )
 from py_stateful_map.core.slots import WorkerSlot
 from py_stateful_map.errors import PoolBrokenError
+from py_stateful_map.options import PoolOptions
 from py_stateful_map.results import ArgumentPassing, ExceptionBehavior, T, WorkerResultWrapper
 from py_stateful_map.stats import PoolStats
-from py_stateful_map.worker.prefetch import check_prefetch, chunk_batches
+from py_stateful_map.worker.prefetch import chunk_batches
 from py_stateful_map.worker.runtime import WorkerSpec
 
 #: A map's ``checkpoint=``: a ``Checkpoint``, a path, or None.
@@ -43,23 +41,10 @@ CheckpointOption = Checkpoint | str | os.PathLike[str] | None
 logger = logging.getLogger("py_stateful_map")
 
 
-BACKENDS = ("processes", "threads", "inline", "ray")
-#: Backends whose workers can be killed, so a stuck item can be timed out.
-KILLABLE_BACKENDS = ("processes", "ray")
 #: Seconds a normal ``close()`` waits for workers when ``join_timeout`` is None.
 DEFAULT_JOIN_TIMEOUT = 10.0
 #: Seconds a cancelling ``close()`` (exception, abandoned map) waits before terminating.
 DEFAULT_CANCEL_GRACE = 1.0
-
-
-def default_start_method() -> str:
-    """``forkserver`` where available: CUDA-safe (never forks a CUDA parent) and fast to start.
-
-    Workers fork from a clean server process instead of the caller, so a parent that has
-    initialized CUDA, or holds threads and locks, cannot poison them; ``spawn`` elsewhere.
-    """
-    methods = multiprocessing.get_all_start_methods()
-    return "forkserver" if "forkserver" in methods else "spawn"
 
 
 class StateFullWorkerPool(Generic[T]):
@@ -131,85 +116,73 @@ class StateFullWorkerPool(Generic[T]):
         max_batch_tokens: float | None = None,
         sort_window: int | None = None,
     ) -> None:
-        backend = "threads" if use_threads else backend
-        if num_workers == 0:
-            backend = "inline"
-        elif backend == "inline" and num_workers != 1:
-            raise ValueError("backend='inline' runs one worker in this thread: use num_workers=0")
-        _validate(
-            num_workers,
-            backend,
-            worker_class_or_func,
-            shared_kwarg_dict,
-            worker_kwarg_dict_arr,
-            argument_passing,
-            chunk_size,
-            max_retries,
-            task_timeout,
-            batch_size,
-            max_tasks_per_worker,
-            init_timeout,
-            init_concurrency,
-        )
-        self._slot_count = max(1, num_workers)
-        self.backend_name = backend
-        self._behavior = ExceptionBehavior(exception_behavior)
-        self._join_timeout = join_timeout
-        self._progress = resolve_progress(progress)
-        self._on_result = on_result
-        self._read_input_in_thread = read_input_in_thread
-        # What a checkpoint's manifest records of this job (per-worker kwargs such as devices
-        # are left out, so a run may resume on other devices or worker counts).
-        self._job = (worker_class_or_func, dict(shared_kwarg_dict or {}))
-        self._length_batching = LengthBatching.from_options(
-            batch_size, length_fn, max_batch_tokens, sort_window
-        )
-        self._owner_pid = os.getpid()
-        # A batch is one call, so it is the unit a task_timeout can time; otherwise time items.
-        self._chunk_size = batch_size or (1 if task_timeout is not None else chunk_size)
-        self._chunk_memory = ChunkMemory()  # each map's chunk sizes start from the last's
-        prefetch = check_prefetch(prefetch)
-        self._batches_per_chunk = 1
-        if batch_size is not None:  # several batches, so prepare(next) overlaps __call__
-            self._batches_per_chunk = chunk_batches(worker_class_or_func, prefetch, task_timeout)
-            self._chunk_size = batch_size * self._batches_per_chunk
-        self.start_method = start_method or default_start_method()
-        specs = [
-            WorkerSpec(
-                target=worker_class_or_func,
-                init_kwargs={**(shared_kwarg_dict or {}), **per_worker},
-                argument_passing=ArgumentPassing(argument_passing),
+        self._open(
+            PoolOptions.create(
+                num_workers=num_workers,
+                worker_class_or_func=worker_class_or_func,
+                shared_kwarg_dict=shared_kwarg_dict,
+                worker_kwarg_dict_arr=worker_kwarg_dict_arr,
+                argument_passing=argument_passing,
+                exception_behavior=exception_behavior,
+                use_threads=use_threads,
+                join_timeout=join_timeout,
+                chunk_size=chunk_size,
+                start_method=start_method,
+                max_retries=max_retries,
+                max_restarts=max_restarts,
+                task_timeout=task_timeout,
+                init_timeout=init_timeout,
+                max_tasks_per_worker=max_tasks_per_worker,
+                backend=backend,
                 batch_size=batch_size,
                 collate_fn=collate_fn,
                 prefetch=prefetch,
+                worker_env_arr=worker_env_arr,
+                worker_device_arr=worker_device_arr,
+                init_concurrency=init_concurrency,
+                progress=progress,
+                on_result=on_result,
+                ray_address=ray_address,
+                ray_actor_options=ray_actor_options,
+                read_input_in_thread=read_input_in_thread,
+                length_fn=length_fn,
+                max_batch_tokens=max_batch_tokens,
+                sort_window=sort_window,
             )
-            for per_worker in (worker_kwarg_dict_arr or [{}] * self._slot_count)
-        ]
-        for name, per_worker_list in (
-            ("worker_env_arr", worker_env_arr),
-            ("worker_device_arr", worker_device_arr),
-            ("ray_actor_options", ray_actor_options),
-        ):
-            if per_worker_list is not None and len(per_worker_list) != self._slot_count:
-                raise ValueError(
-                    f"{name} has {len(per_worker_list)} entries for {self._slot_count} "
-                    "worker(s); give exactly one per worker"
-                )
-        envs = list(worker_env_arr or [{}] * self._slot_count)
-        devices = list(worker_device_arr or [None] * self._slot_count)  # type: ignore[list-item]
-        self._ray_address = ray_address
-        self._ray_actor_options = list(ray_actor_options or [{}] * self._slot_count)
-        self._backend = self._make_backend(specs, envs)
+        )
+
+    @classmethod
+    def from_options(cls, options: PoolOptions) -> StateFullWorkerPool[T]:
+        """A pool from options built with :meth:`PoolOptions.create` (the pqdm drop-ins)."""
+        pool: StateFullWorkerPool[T] = cls.__new__(cls)
+        pool._open(options)
+        return pool
+
+    def _open(self, options: PoolOptions) -> None:
+        """Start the workers the options describe; every option was checked already."""
+        if options.num_workers is None:
+            raise ValueError("these options count no workers yet: call options.for_workers(n)")
+        #: The options this pool runs with (read-only).
+        self.options = options
+        self._slot_count = options.slot_count
+        self.backend_name = options.backend
+        self.start_method = options.start_method
+        self._progress = resolve_progress(options.progress)
+        self._owner_pid = os.getpid()
+        self._chunk_memory = ChunkMemory()  # each map's chunk sizes start from the last's
+        self._batches_per_chunk, self._chunk_size = _chunking_of(options)
+        self._backend = self._make_backend(_worker_specs(options), _worker_envs(options))
         self._closed = False
         self._finalizer = weakref.finalize(self, _shutdown_if_owner, self._backend, self._owner_pid)
+        devices = list(options.worker_device_arr or [None] * self._slot_count)
         slots = [WorkerSlot(index=i, device=devices[i]) for i in range(self._slot_count)]
         policy = FaultPolicy(
-            max_retries,
-            max_restarts,
-            task_timeout,
-            init_timeout,
-            max_tasks_per_worker,
-            init_concurrency,
+            options.max_retries,
+            options.max_restarts,
+            options.task_timeout,
+            options.init_timeout,
+            options.max_tasks_per_worker,
+            options.init_concurrency,
         )
         self._dispatcher = Dispatcher(self._backend, slots, policy)
         try:
@@ -217,7 +190,7 @@ class StateFullWorkerPool(Generic[T]):
         except BaseException:
             self.close(cancel=True)
             raise
-        logger.info("started %d %s worker(s)", self._slot_count, backend)
+        logger.info("started %d %s worker(s)", self._slot_count, self.backend_name)
 
     def _make_backend(self, specs: list[WorkerSpec], envs: list[dict[str, str]]) -> Backend:
         if self.backend_name == "inline":
@@ -231,7 +204,8 @@ class StateFullWorkerPool(Generic[T]):
         if self.backend_name == "ray":
             from py_stateful_map.backends.ray.driver.backend import RayBackend
 
-            return RayBackend(specs, envs, self._ray_actor_options, address=self._ray_address)
+            actor_options = self.options.actor_options()
+            return RayBackend(specs, envs, actor_options, address=self.options.ray_address)
         _refuse_fork_after_cuda(self.start_method)
         from py_stateful_map.backends.processes import ProcessBackend
 
@@ -296,7 +270,7 @@ class StateFullWorkerPool(Generic[T]):
         values: bool,
         checkpoint: CheckpointOption = None,
     ) -> MapResult[Any]:
-        if values and self._behavior is ExceptionBehavior.DEFERRED:
+        if values and self.options.exception_behavior is ExceptionBehavior.DEFERRED:
             raise ValueError(
                 "imap()/imap_unordered() hand out bare values, so an item's exception has "
                 "nowhere to go but up: use map() with ExceptionBehavior.DEFERRED (each result "
@@ -312,21 +286,21 @@ class StateFullWorkerPool(Generic[T]):
             input_iterable,
             length,
             ordered=ordered,
-            behavior=self._behavior,
+            behavior=self.options.exception_behavior,
             sizer=ChunkSizer(
                 self._slot_count,
                 self._chunk_size,
                 self._backend.chunk_policy,
                 memory=self._chunk_memory,
             ),
-            read_input_in_thread=self._read_input_in_thread,
-            length_batching=self._length_batching,
+            read_input_in_thread=self.options.read_input_in_thread,
+            length_batching=self.options.length_batching,
             batches_per_chunk=self._batches_per_chunk,
             open_checkpoint=self._checkpoint_opener(checkpoint, length),
         )
         decorate = None
-        if self._progress is not None or self._on_result is not None:
-            bar, on_result = self._progress, self._on_result
+        if self._progress is not None or self.options.on_result is not None:
+            bar, on_result = self._progress, self.options.on_result
 
             def decorate(items: Iterator[Any], total: int | None) -> Iterator[Any]:
                 return with_progress(items, total, bar, on_result)
@@ -341,7 +315,9 @@ class StateFullWorkerPool(Generic[T]):
         store = as_checkpoint(checkpoint)
         if store is None:
             return None
-        worker, shared = self._job
+        # What the manifest records of this job: per-worker kwargs such as devices are left
+        # out, so a run may resume on other devices or worker counts.
+        worker, shared = self.options.worker_class_or_func, self.options.shared_kwarg_dict
 
         def open_run() -> CheckpointRun:
             return store.open_run(worker=worker, init_kwargs=shared, length=length)
@@ -373,8 +349,8 @@ class StateFullWorkerPool(Generic[T]):
         dispatcher = getattr(self, "_dispatcher", None)
         if dispatcher is not None and dispatcher.holds_abandoned_work():
             cancel = True  # the workers are busy with a map nobody will read
-        if self._join_timeout is not None:
-            grace = self._join_timeout
+        if self.options.join_timeout is not None:
+            grace = self.options.join_timeout
         else:
             grace = DEFAULT_CANCEL_GRACE if cancel else DEFAULT_JOIN_TIMEOUT
         self._stop(grace, cancel=cancel)
@@ -419,67 +395,37 @@ class StateFullWorkerPool(Generic[T]):
         return f"<StateFullWorkerPool {self._slot_count} {self.backend_name} worker(s), {state}>"
 
 
-def _validate(
-    num_workers: int,
-    backend: str,
-    worker: Callable[..., Any],
-    shared_kwargs: dict[str, Any] | None,
-    per_worker_kwargs: Sequence[dict[str, Any]] | None,
-    argument_passing: ArgumentPassing,
-    chunk_size: int | None,
-    max_retries: int,
-    task_timeout: float | None,
-    batch_size: int | None,
-    max_tasks_per_worker: int | None,
-    init_timeout: float | None,
-    init_concurrency: int | None,
-) -> None:
-    if not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not callable(worker):
-        raise TypeError(f"worker_class_or_func must be a class or a function, got {worker!r}")
-    has_kwargs = bool(shared_kwargs) or any(per_worker_kwargs or ())
-    if has_kwargs and not inspect.isclass(worker):
-        raise ValueError(
-            f"{getattr(worker, '__name__', worker)!r} is a function, so it takes no init kwargs; "
-            "pass a class whose __init__ takes them (and whose __call__ processes an item)"
+def _chunking_of(options: PoolOptions) -> tuple[int, int | None]:
+    """Batches per chunk, and the fixed chunk size (None: sized automatically).
+
+    A batch is one call, so it is the unit a ``task_timeout`` can time; otherwise items are.
+    With ``prepare()``, a chunk carries several batches so the next one's ``prepare`` overlaps
+    the current ``__call__``.
+    """
+    if options.batch_size is None:
+        return 1, 1 if options.task_timeout is not None else options.chunk_size
+    batches = chunk_batches(options.worker_class_or_func, options.prefetch, options.task_timeout)
+    return batches, options.batch_size * batches
+
+
+def _worker_specs(options: PoolOptions) -> list[WorkerSpec]:
+    """What each worker builds and how it is called: the shared kwargs under its own."""
+    per_worker = options.worker_kwarg_dict_arr or [{}] * options.slot_count
+    return [
+        WorkerSpec(
+            target=options.worker_class_or_func,
+            init_kwargs={**options.shared_kwarg_dict, **own},
+            argument_passing=options.argument_passing,
+            batch_size=options.batch_size,
+            collate_fn=options.collate_fn,
+            prefetch=options.prefetch,
         )
-    if per_worker_kwargs is not None and len(per_worker_kwargs) != max(1, num_workers):
-        raise ValueError(
-            f"worker_kwarg_dict_arr has {len(per_worker_kwargs)} dicts for "
-            f"{max(1, num_workers)} worker(s); give exactly one per worker"
-        )
-    for name, value in (
-        ("chunk_size", chunk_size),
-        ("batch_size", batch_size),
-        ("max_tasks_per_worker", max_tasks_per_worker),
-        ("init_concurrency", init_concurrency),
-    ):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    if max_retries < 0:
-        raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-    for name, timeout in (("task_timeout", task_timeout), ("init_timeout", init_timeout)):
-        if timeout is None:
-            continue
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ValueError(f"{name} must be a number of seconds > 0 or None, got {timeout!r}")
-        if backend not in KILLABLE_BACKENDS:
-            raise ValueError(
-                f"{name} needs backend='processes' or 'ray': a stuck {backend} worker "
-                "cannot be killed, only a process can"
-            )
-    if task_timeout is not None and chunk_size not in (None, 1):
-        raise ValueError("task_timeout times each item, so it needs chunk_size=None or 1")
-    if (
-        batch_size is not None
-        and ArgumentPassing(argument_passing) is not ArgumentPassing.AS_SINGLE_ARG
-    ):
-        raise ValueError("batch_size hands the worker a list of items: use AS_SINGLE_ARG")
+        for own in per_worker
+    ]
+
+
+def _worker_envs(options: PoolOptions) -> list[dict[str, str]]:
+    return [dict(env) for env in options.worker_env_arr or [{}] * options.slot_count]
 
 
 def _shutdown_if_owner(backend: Backend, owner_pid: int) -> None:

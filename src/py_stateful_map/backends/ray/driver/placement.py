@@ -8,7 +8,7 @@ explicit group such as ``[0, 1]`` counts as 2 GPUs).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from py_stateful_map.backends.ray.actor.devices import RAY_GPU, RAY_GPUS
@@ -30,7 +30,7 @@ def plan_ray_workers(
     devices: DeviceRequest,
     available_gpus: int,
     workers_per_device: int,
-    actor_options: dict[str, Any] | Sequence[dict[str, Any]] | None,
+    actor_options: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
     gpus_per_worker: int = 1,
 ) -> list[RayWorker]:
     """One ``RayWorker`` per worker: GPU actors ask Ray for GPUs, CPU actors see none.
@@ -41,8 +41,8 @@ def plan_ray_workers(
     """
     sizes = _group_sizes(devices, available_gpus, gpus_per_worker)
     sizes = [size for size in sizes for _ in range(workers_per_device)]
-    if isinstance(actor_options, dict):
-        extra: Sequence[dict[str, Any]] = [actor_options] * len(sizes)
+    if isinstance(actor_options, Mapping):
+        extra: Sequence[Mapping[str, Any]] = [actor_options] * len(sizes)
     else:
         extra = actor_options or [{}] * len(sizes)
     if len(extra) != len(sizes):
@@ -58,7 +58,7 @@ def plan_ray_workers(
     ]
 
 
-def _gpu_worker(size: int, workers_per_device: int, options: dict[str, Any]) -> RayWorker:
+def _gpu_worker(size: int, workers_per_device: int, options: Mapping[str, Any]) -> RayWorker:
     """An actor on ``size`` GPUs, named as Ray's mask shows them to it (``cuda:0,cuda:1``)."""
     label = ",".join(f"cuda:{ordinal}" for ordinal in range(size))
     num_gpus = size if size > 1 else 1 / workers_per_device
