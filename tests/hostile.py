@@ -283,3 +283,36 @@ def runs_logged(log: str) -> list[int]:
 
     path = Path(log)
     return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+class ExitsWhenPickled:
+    """A result whose ``__reduce__`` calls ``sys.exit()``: pickling it in the worker exits."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __reduce__(self) -> NoReturn:
+        sys.exit(4)
+
+
+class ExitsWhenUnpickled:
+    """Pickles fine in the worker; rebuilding it in the parent calls ``sys.exit()``."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (_exit_on_load, (self.value,))
+
+
+def _exit_on_load(value: int) -> NoReturn:
+    sys.exit(5)
+
+
+def exits_in_pickle_at(x: int) -> Any:
+    """Item 3's result exits when pickled, item 5's when unpickled; the others are values."""
+    if x == 3:
+        return ExitsWhenPickled(x)
+    if x == 5:
+        return ExitsWhenUnpickled(x)
+    return x

@@ -106,6 +106,29 @@ def test_unreadable_result_fails_that_item_and_reruns_nothing(kind: str, tmp_pat
     assert runs == list(range(40)), "an item ran twice although no worker died"
 
 
+@pytest.mark.parametrize("kind", ["processes"])  # Ray's actor answers in backends/ray/actor
+def test_system_exit_while_a_result_is_pickled_or_unpickled_fails_that_item_only(
+    kind: str,
+) -> None:
+    """Issue 22 item 8: a ``sys.exit()`` in a result's ``__reduce__`` ended its worker twice
+    (the item was re-run on the successor); in the rebuilding function it left the caller's
+    loop."""
+    with make_pool(
+        kind, hostile.exits_in_pickle_at, exception_behavior=DEFERRED, chunk_size=2
+    ) as pool:
+        results = list(pool.map(range(10)))
+        assert [r.obj_id for r in results] == list(range(10))
+        failed = {r.obj_id: r.exception_obj for r in results if r.exception_obj is not None}
+        assert sorted(failed) == [3, 5]
+        assert all(isinstance(error, SerializationError) for error in failed.values())
+        assert "cannot be pickled: SystemExit: 4" in str(failed[3])
+        assert "cannot be unpickled: SystemExit: 5" in str(failed[5])
+        assert isinstance(failed[5].__cause__, SystemExit)
+        assert [r.ret_val for r in results if r.obj_id not in failed] == [0, 1, 2, 4, 6, 7, 8, 9]
+        assert pool.stats().restarts == 0, "a worker died"
+        assert [r.ret_val for r in pool.map(range(3))] == [0, 1, 2]
+
+
 @pytest.mark.parametrize("kind", PICKLING)
 def test_unreadable_exception_fails_that_item_only(kind: str) -> None:
     with make_pool(

@@ -36,6 +36,14 @@ DETACH_THRESHOLD = 64 * 1024
 
 M = TypeVar("M")
 
+#: What pickling or unpickling a user's object may raise, each the failure of that one item:
+#: any ``Exception``, and the exits a ``__reduce__`` or a rebuilding function can call
+#: (``sys.exit()``, a stray ``GeneratorExit``). Caught as ``Exception`` alone, a ``SystemExit``
+#: ended the worker pickling a result (twice: the item was re-run on its successor) and left
+#: the parent's loop when unpickled there. ``KeyboardInterrupt`` is not one: in the parent it
+#: is the user's Ctrl-C (a worker process ignores SIGINT).
+PICKLING_ERRORS: tuple[type[BaseException], ...] = (Exception, SystemExit, GeneratorExit)
+
 
 def _cloudpickle() -> Any:
     try:
@@ -229,13 +237,14 @@ def decode_from_worker(
             size += sum(memoryview(buffer).nbytes for buffer in detached or ())
             header = evolve(header, payload_bytes=size)
         return codec.with_payload(header, raw_payload, descriptors, detached)  # type: ignore[no-any-return]
-    except Exception as exc:  # blame the chunk, not the channel; the dispatcher asks again
+    except PICKLING_ERRORS as exc:  # blame the chunk, not the channel; the dispatcher asks again
         # item by item (``ResendItemwise``) to find the items at fault
         reason = f"{type(exc).__name__}: {exc}"
         if isinstance(header, ChunkDone):
             return ResultUnreadable(header.chunk_id, payload=reason)
         if isinstance(header, InitFailed):
             error = SerializationError(f"the constructor's exception cannot be unpickled: {reason}")
+            error.__cause__ = exc
             return InitFailed(header.pid, payload=(error, ""))
         raise
 
@@ -255,7 +264,7 @@ def encode_itemwise(values: list[Any], errors: list[ItemError] | None) -> list[b
                 entries.append(dumps(("error", dumps(exc), text)))
             else:
                 entries.append(dumps(("value", value)))
-        except Exception as exc:
+        except PICKLING_ERRORS as exc:
             entries.append(dumps(("unpicklable", f"{type(exc).__name__}: {exc}")))
     return entries
 
@@ -275,11 +284,12 @@ def decode_itemwise(
     for offset, entry in enumerate(entries):
         try:
             kind, *rest = pickle.loads(entry)
-        except Exception as load_error:  # the value itself (errors are nested pickles)
+        except PICKLING_ERRORS as load_error:  # the value itself (errors are nested pickles)
             reason = f"{type(load_error).__name__}: {load_error}"
             error = SerializationError(
                 f"the result of item {start + offset} cannot be unpickled: {reason}"
             )
+            error.__cause__ = load_error
             errors.append((offset, error, ""))
             continue
         if kind == "value":
@@ -291,7 +301,7 @@ def decode_itemwise(
         exc_bytes, text = rest
         try:
             exc = pickle.loads(exc_bytes)
-        except Exception as load_error:
+        except PICKLING_ERRORS as load_error:
             exc = SerializationError(
                 f"the exception of item {start + offset} cannot be unpickled: "
                 f"{type(load_error).__name__}: {load_error} (its worker traceback is attached)"

@@ -19,7 +19,7 @@ from py_stateful_map.wire.messages import (
     RunChunk,
     evolve,
 )
-from py_stateful_map.wire.serialization import Codec, dumps
+from py_stateful_map.wire.serialization import PICKLING_ERRORS, Codec, dumps
 from py_stateful_map.wire.shared_memory import Descriptor
 
 from .runtime import WorkerRuntime
@@ -39,7 +39,7 @@ def run_encoded_chunk(
 ) -> ChunkDone | ChunkUnreadable:
     try:
         items = codec.with_payload(task, raw_items, descriptors, detached).payload
-    except Exception as exc:  # the parent splits the chunk and blames one item
+    except PICKLING_ERRORS as exc:  # the parent splits the chunk and blames one item
         return ChunkUnreadable(task.chunk_id, payload=f"{type(exc).__name__}: {exc}")
     return runtime.run_chunk(task, items)
 
@@ -73,7 +73,7 @@ def make_sendable(message: Any) -> Any:
 def _pickle_problem(obj: Any) -> str | None:
     try:
         dumps(obj)
-    except Exception as exc:
+    except PICKLING_ERRORS as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
 

@@ -37,7 +37,7 @@ from py_stateful_map.wire.messages import (
     Stop,
     evolve,
 )
-from py_stateful_map.wire.serialization import Codec, loads
+from py_stateful_map.wire.serialization import PICKLING_ERRORS, Codec, loads
 from py_stateful_map.wire.shared_memory import SegmentPool, available, prefix_for, unlink_prefix
 
 from .answers import RETAINED_ANSWERS, make_sendable, run_encoded_chunk
@@ -195,7 +195,7 @@ def _send(
 ) -> None:
     try:
         frame, _ = codec.encode(message)
-    except Exception:  # find the item(s) at fault and send the rest
+    except PICKLING_ERRORS:  # find the item(s) at fault and send the rest
         frame, _ = codec.encode(make_sendable(message))
     try:
         conn.send_bytes(frame)
