@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import pickle
 import random
 import threading
 import time
@@ -38,6 +39,7 @@ from py_stateful_map import (
     WorkerResultWrapper,
 )
 
+from . import faults
 from .conftest import LOCAL_BACKENDS, RAY_BACKEND
 
 #: Backends that have real concurrency (the inline worker runs items one by one on demand).
@@ -404,6 +406,13 @@ def test_worker_exception_keeps_type_args_and_worker_traceback(kind: str) -> Non
     assert "ItemFailedError" in exc.__cause__.tb_text
 
 
+def test_remote_traceback_has_the_text_as_tb_too_like_concurrent_futures() -> None:
+    """Issue 22 item 11: ``concurrent.futures`` names the text ``tb``; code reading it failed."""
+    remote = RemoteTraceback("Traceback (most recent call last):\n  ...\nValueError: x\n")
+    assert remote.tb == remote.tb_text
+    assert pickle.loads(pickle.dumps(remote)).tb == remote.tb_text
+
+
 @pytest.mark.parametrize("kind", ALL)
 @pytest.mark.parametrize("is_unordered", [False, True], ids=["ordered", "unordered"])
 def test_deferred_returns_every_item_with_exceptions_in_place(
@@ -647,6 +656,29 @@ def test_unpicklable_result_is_a_per_item_serialization_error(kind: str) -> None
     assert failed[0].ret_val is None
     assert [r.ret_val for r in results if r.obj_id != 3] == [0, 1, 2, 4, 5, 6, 7]
     assert again == [5, 6, 7, 8, 9]
+
+
+@pytest.mark.parametrize("kind", ["processes"])
+def test_serialization_error_chains_the_pickling_error_as_its_cause(kind: str) -> None:
+    """Issue 22 item 11: the error pickle raised was only text in the message."""
+    with make_pool(
+        kind, lock_for_three, exception_behavior=ExceptionBehavior.DEFERRED, chunk_size=2
+    ) as pool:
+        failed = next(r for r in pool.map(range(6)) if r.exception_obj is not None)
+        unpicklable_input = next(r for r in pool.map([1, threading.Lock()]) if not r.ok)
+    assert failed.obj_id == 3
+    cause = failed.exception_obj.__cause__  # raised in the worker, pickled with its error
+    assert isinstance(cause, TypeError) and "lock" in str(cause)
+    assert cause.__traceback__ is None  # frames held the value that could not be pickled
+    assert isinstance(unpicklable_input.exception_obj, SerializationError)
+    assert isinstance(unpicklable_input.exception_obj.__cause__, TypeError)  # in the parent
+    assert "lock" in str(unpicklable_input.exception_obj.__cause__)
+    stand_in = SerializationError("the result of item 4 cannot be pickled")
+    stand_in.__cause__ = TypeError("cannot pickle 'lock'")
+    copy = pickle.loads(pickle.dumps(stand_in))
+    assert (type(copy.__cause__), str(copy.__cause__)) == (TypeError, "cannot pickle 'lock'")
+    stand_in.__cause__ = faults.LockHoldingError("holds a lock", threading.Lock())
+    assert pickle.loads(pickle.dumps(stand_in)).__cause__ is None  # left behind, not fatal
 
 
 @pytest.mark.parametrize("kind", ["processes"])

@@ -23,7 +23,9 @@ the worker-side traceback is attached as ``__cause__`` (a ``RemoteTraceback``), 
 
 from __future__ import annotations
 
+import pickle
 import signal
+from typing import Any
 
 #: Exit status of a worker that left because its device is poisoned (a sticky CUDA error):
 #: part of the protocol, defined here beside the words that describe exits (``describe_exit``).
@@ -70,7 +72,22 @@ class TaskTimeoutError(PoolError, TimeoutError):
 
 
 class SerializationError(PoolError):
-    """An input, result or exception could not cross the process boundary."""
+    """An input, result or exception could not cross the process boundary.
+
+    ``__cause__`` is the error pickling or unpickling raised. It is pickled with this error
+    (pickle keeps only ``args`` and ``__dict__``), since a worker that cannot send a result
+    sends this instead; a cause that cannot be pickled itself is left behind, its text is in
+    the message.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        cause = self.__cause__
+        if cause is not None:
+            try:
+                pickle.dumps(cause)
+            except Exception:
+                cause = None
+        return (type(self), self.args, {**self.__dict__, "__cause__": cause})
 
 
 class PoolBrokenError(PoolError):
@@ -127,11 +144,18 @@ class RemoteTraceback(Exception):
     """The formatted traceback of an exception raised in a worker, kept as text.
 
     Frames cannot cross a process boundary; the text can, and it is what a user needs.
+    ``tb`` is the same text under the name ``concurrent.futures`` gives it
+    (``_RemoteTraceback.tb``), so code written for its executors reads ours too.
     """
 
     def __init__(self, tb_text: str) -> None:
         super().__init__(tb_text)
         self.tb_text = tb_text
+
+    @property
+    def tb(self) -> str:
+        """The worker's traceback text (``concurrent.futures``' name for ``tb_text``)."""
+        return self.tb_text
 
     def __str__(self) -> str:
         return f"\n\nTraceback in the worker:\n{self.tb_text}"

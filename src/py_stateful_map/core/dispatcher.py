@@ -226,6 +226,7 @@ class Dispatcher:
                     f"input item {chunk.start} ({type(item).__module__}.{type(item).__qualname__})"
                     f" cannot be pickled: {exc}"
                 )
+                error.__cause__ = exc.__cause__ or exc  # the pickling error itself
                 self._complete_with_error(chunk, error)
             return 0
         if not slot.in_flight:

@@ -58,30 +58,50 @@ def make_sendable(message: Any) -> Any:
     ]
     fixed_values = list(values)
     for offset, value in enumerate(values):
-        reason = _pickle_problem(value)
-        if reason is not None:
+        problem = _pickle_problem(value)
+        if problem is not None:
             fixed_values[offset] = None
             error = SerializationError(
                 f"the result of item {message.start + offset} "
-                f"({type(value).__module__}.{type(value).__qualname__}) cannot be pickled: {reason}"
+                f"({type(value).__module__}.{type(value).__qualname__}) cannot be pickled: "
+                f"{_reason(problem)}"
             )
+            error.__cause__ = _as_cause(problem)
             fixed_errors.append((offset, error, ""))
     fixed_errors.sort(key=lambda entry: entry[0])
     return evolve(message, payload=(fixed_values, fixed_errors))
 
 
-def _pickle_problem(obj: Any) -> str | None:
+def _pickle_problem(obj: Any) -> BaseException | None:
+    """What pickling ``obj`` raises, or None when it pickles."""
     try:
         dumps(obj)
     except PICKLING_ERRORS as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return exc
     return None
 
 
+def _reason(problem: BaseException) -> str:
+    return f"{type(problem).__name__}: {problem}"
+
+
+def _as_cause(problem: BaseException) -> BaseException | None:
+    """The pickling error, to chain as the stand-in's ``__cause__``, if it can travel itself.
+
+    Its frames go first: they hold the object that could not be pickled (pickle would drop
+    them on the way anyway).
+    """
+    problem.__traceback__ = None
+    return problem if _pickle_problem(problem) is None else None
+
+
 def _picklable_exception(exc: BaseException, what: str) -> BaseException:
-    if _pickle_problem(exc) is None and _pickle_problem(type(exc)) is None:
+    problem = _pickle_problem(exc) or _pickle_problem(type(exc))
+    if problem is None:
         return exc
-    return SerializationError(
-        f"the {what} {type(exc).__module__}.{type(exc).__qualname__}({exc}) cannot be pickled; "
-        "this stand-in carries its text"
+    error = SerializationError(
+        f"the {what} {type(exc).__module__}.{type(exc).__qualname__}({exc}) cannot be pickled "
+        f"({_reason(problem)}); this stand-in carries its text"
     )
+    error.__cause__ = _as_cause(problem)
+    return error
