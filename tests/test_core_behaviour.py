@@ -15,6 +15,7 @@ import them by reference.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import pickle
 import random
@@ -512,6 +513,34 @@ def test_init_error_raises_worker_init_error_naming_the_worker(kind: str) -> Non
     assert isinstance(original.__cause__, RemoteTraceback)
     assert "__init__" in original.__cause__.tb_text
     assert elapsed < 20.0
+
+
+@pytest.mark.parametrize("kind", ["threads", "processes"])
+def test_init_error_is_logged_with_the_worker_index_and_traceback(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 22 item 14: it was only raised; the first failure alone reaches the caller, and a
+    replacement's is retried, so its traceback was nowhere."""
+    per_worker = [{"index": i} for i in range(2)]
+    with caplog.at_level(logging.WARNING, logger="py_stateful_map"):
+        with pytest.raises(WorkerInitError):
+            make_pool(kind, FailsToBuild, {"fail_index": 1}, worker_kwarg_dict_arr=per_worker)
+    [record] = [r for r in caplog.records if "constructor" in r.getMessage()]
+    assert (record.name, record.levelno) == ("py_stateful_map", logging.WARNING)
+    assert record.getMessage().startswith("worker 1 (pid ")
+    assert "in __init__" in caplog.text and "cannot load the model" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ALL)
+@pytest.mark.parametrize("worker", [int, float, str])
+def test_a_class_whose_instances_are_not_callable_is_called_per_item(
+    kind: str, worker: type
+) -> None:
+    """Issue 22 item 14: ``int`` was built once, then its instance refused (no ``__call__``)."""
+    with make_pool(kind, worker) as pool:
+        assert [r.ret_val for r in pool.map(["1", "2"])] == [worker("1"), worker("2")]
+    with pytest.raises(ValueError, match="'int' is a class whose instances are not callable"):
+        make_pool(kind, int, {"base": 2})
 
 
 @pytest.mark.parametrize("kind", ALL)

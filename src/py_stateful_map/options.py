@@ -35,6 +35,7 @@ from typing import Any
 from py_stateful_map.core.length_batching import LengthBatching
 from py_stateful_map.results import ArgumentPassing, ExceptionBehavior
 from py_stateful_map.worker.prefetch import check_prefetch
+from py_stateful_map.worker.runtime import builds_state
 
 BACKENDS = ("processes", "threads", "inline", "ray")
 #: Backends whose workers can be killed, so a stuck item can be timed out.
@@ -175,10 +176,12 @@ def _check_worker(options: PoolOptions) -> None:
     if not callable(worker):
         raise TypeError(f"worker_class_or_func must be a class or a function, got {worker!r}")
     has_kwargs = bool(options.shared_kwarg_dict) or any(options.worker_kwarg_dict_arr or ())
-    if has_kwargs and not inspect.isclass(worker):
+    if has_kwargs and not builds_state(worker):
+        kind = "a class whose instances are not callable" if inspect.isclass(worker) else ""
         raise ValueError(
-            f"{getattr(worker, '__name__', worker)!r} is a function, so it takes no init kwargs; "
-            "pass a class whose __init__ takes them (and whose __call__ processes an item)"
+            f"{getattr(worker, '__name__', worker)!r} is {kind or 'a function'}, so it is "
+            "called per item and takes no init kwargs; pass a class whose __init__ takes them "
+            "(and whose __call__ processes an item)"
         )
 
 

@@ -6,10 +6,14 @@ multi-hour job failed) can be read and improved in one place.
 
 from __future__ import annotations
 
+import logging
+
 from py_stateful_map.errors import RemoteTraceback, WorkerDiedError, WorkerInitError, describe_exit
 from py_stateful_map.wire.messages import InitFailed, WorkerExited
 
 from .slots import WorkerSlot
+
+logger = logging.getLogger("py_stateful_map")
 
 
 def died_error(
@@ -27,13 +31,19 @@ def died_error(
 
 
 def init_error(slot: WorkerSlot, message: InitFailed) -> WorkerInitError:
-    """The constructor raised: the original exception (with its worker traceback) is the cause."""
+    """The constructor raised: the original exception (with its worker traceback) is the cause.
+
+    It is logged too, as a WARNING with the worker's traceback: only the first failure at
+    start-up reaches the caller (the other workers' are never read), and a replacement's is
+    retried with back-off, so without the log its traceback would be nowhere.
+    """
     original, tb_text = message.payload
     if tb_text:
         original.__cause__ = RemoteTraceback(tb_text)
+    where = f"worker {slot.index} (pid {message.pid}{slot.device_note})"
+    logger.warning("%s failed in its constructor", where, exc_info=original)
     error = WorkerInitError(
-        f"worker {slot.index} (pid {message.pid}{slot.device_note}) failed in its "
-        f"constructor: {type(original).__name__}: {original}",
+        f"{where} failed in its constructor: {type(original).__name__}: {original}",
         slot.index,
         message.pid,
     )

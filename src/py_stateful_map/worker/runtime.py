@@ -44,7 +44,21 @@ class WorkerSpec:
 
     @property
     def is_stateful(self) -> bool:
-        return inspect.isclass(self.target)
+        return builds_state(self.target)
+
+
+def builds_state(target: Any) -> bool:
+    """Whether ``target`` is a worker class: built once per worker, its instance called per item.
+
+    A class whose instances are not callable (``int``, ``float``, ``str``) is a function here,
+    called per item (``int("1")``): built once, its one instance could only be refused. The
+    class's own ``__call__`` (from its metaclass) says nothing about its instances, so the
+    instances' methods are looked up the way calling one would, on the class's MRO.
+
+    >>> builds_state(int), builds_state(len), builds_state(type("Model", (), {"__call__": id}))
+    (False, False, True)
+    """
+    return inspect.isclass(target) and any("__call__" in vars(base) for base in target.__mro__)
 
 
 def format_exception_text(exc: BaseException) -> str:
