@@ -863,3 +863,24 @@ def test_mypy_strict_accepts_examples() -> None:
     result = run_mypy("examples")
     assert 'Need type annotation for "pool"' not in result.stdout
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_exception_raised_to_users_is_exported() -> None:
+    """Issue 22: ``ItemCostError`` (a bad ``length_fn``) and ``CheckpointedError`` (a failure
+    replayed from a checkpoint) reached users but could not be imported from the package."""
+    import py_stateful_map
+    from py_stateful_map import errors
+    from py_stateful_map.core.length_batching import ItemCostError
+
+    defined = {
+        name
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, BaseException)
+    }
+    assert defined | {"ItemCostError"} <= set(py_stateful_map.__all__)
+    assert set(py_stateful_map.__all__) == set(py_stateful_map._EXPORTS)
+    assert py_stateful_map.ItemCostError is ItemCostError
+    assert py_stateful_map.CheckpointedError is errors.CheckpointedError
+    namespace: dict[str, Any] = {}
+    exec("from py_stateful_map import *", namespace)  # the star import users write
+    assert {"ItemCostError", "CheckpointedError"} <= set(namespace)

@@ -36,6 +36,8 @@ _EXPORTS = {
     "RemoteTraceback": "errors",
     "CheckpointError": "errors",
     "CheckpointMismatchError": "errors",
+    "CheckpointedError": "errors",
+    "ItemCostError": "core.length_batching",
     "Checkpoint": "checkpoint",
     "DevicePool": "device_pool",
     "resolve_devices": "devices.discovery",
@@ -46,8 +48,10 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CheckpointMismatchError",
+    "CheckpointedError",
     "DevicePool",
     "ExceptionBehavior",
+    "ItemCostError",
     "PoolBrokenError",
     "PoolBusyError",
     "PoolError",
@@ -64,9 +68,11 @@ __all__ = [
 
 if TYPE_CHECKING:
     from py_stateful_map.checkpoint.api import Checkpoint
+    from py_stateful_map.core.length_batching import ItemCostError
     from py_stateful_map.device_pool import DevicePool
     from py_stateful_map.devices.discovery import resolve_devices
     from py_stateful_map.errors import (
+        CheckpointedError,
         CheckpointError,
         CheckpointMismatchError,
         PoolBrokenError,
