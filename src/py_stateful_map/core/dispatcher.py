@@ -38,6 +38,7 @@ from py_stateful_map.backends.base import Backend
 from py_stateful_map.errors import (
     EXIT_POISONED,
     PoolBrokenError,
+    PoolBusyError,
     PoolError,
     SerializationError,
     TaskTimeoutError,
@@ -117,6 +118,7 @@ class Dispatcher:
     _retry: deque[Chunk] = field(default_factory=deque)
     _completions: list[Completion] = field(default_factory=list)
     _next_chunk_id: int = 0
+    _run_started: float = 0.0
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -256,8 +258,23 @@ class Dispatcher:
         """Whether a worker still holds chunks of a map that ended or was abandoned."""
         return any(chunk.run_id != self.run_id for slot in self.slots for chunk in slot.in_flight)
 
+    def begin_run(self) -> None:
+        """Claim the workers for one map; raise if it may not run (closed, busy or broken)."""
+        if self.closed:
+            raise PoolBrokenError(closed_message())
+        if self.busy:
+            raise PoolBusyError(
+                "another map() on this pool is still in progress; consume or close() it first"
+            )
+        if self.broken:
+            raise PoolBrokenError("this pool is broken: a previous map() gave up on its workers")
+        self.busy = True
+        self._run_started = time.monotonic()
+
     def end_run(self) -> None:
         """Forget the finished or abandoned run: late results of its chunks are dropped."""
+        self.map_seconds += time.monotonic() - self._run_started
+        self.busy = False
         self.run_id += 1
         self._retry.clear()
         self._completions.clear()

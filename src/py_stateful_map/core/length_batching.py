@@ -301,6 +301,10 @@ class LengthBatcher:
         self._window.append((position, cost))
         return self.flush() if len(self._window) >= self.sort_window else []
 
+    def clear(self) -> None:
+        """Forget the window unplanned (its items will not run: an error is pending)."""
+        self._window = []
+
     def flush(self) -> list[PlannedBatch]:
         """Plan whatever the window holds (end of input, or the input stalled)."""
         window, self._window = self._window, []

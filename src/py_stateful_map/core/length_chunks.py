@@ -93,6 +93,14 @@ class LengthChunker:
             batch_sizes=tuple(len(batch) for batch in taken),
         )
 
+    def drop_all(self) -> int:
+        """Forget the window and every planned batch (an error is pending); how many items."""
+        dropped = len(self._window_items)
+        self._window_items.clear()
+        self._planned.clear()
+        self._batcher.clear()
+        return dropped
+
     def shrink_budget(self) -> None:
         """A worker halved a batch for memory: plan smaller batches from now on."""
         batcher = self._batcher
