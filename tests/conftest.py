@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from .ray_support import keep_ray_on_loopback, local_ray
+from .ray_support import keep_ray_on_loopback, start_shared_ray, stop_shared_ray
 
 #: Backends every behaviour test runs against (the inline one has a single worker).
 LOCAL_BACKENDS = ["processes", "threads"]
@@ -20,20 +20,23 @@ LOCAL_BACKENDS = ["processes", "threads"]
 RAY_BACKEND = ["ray"] if importlib.util.find_spec("ray") is not None else []
 
 
+@pytest.fixture(scope="session")
+def _ray_for_the_run() -> Iterator[None]:
+    """Shuts down the run's shared local Ray at the end of the run."""
+    yield
+    stop_shared_ray()
+
+
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    """A local Ray instance (2 CPUs, 127.0.0.1 only) for one test module, then shut down.
+def ray_cluster(_ray_for_the_run: None) -> None:
+    """The run's one local Ray (2 CPUs, 127.0.0.1 only), up for this module's tests.
 
     The pool finds Ray initialized and leaves it running between tests; starting Ray takes
-    seconds, so one instance serves every Ray-parametrized test of a module.
+    seconds, so one instance serves the whole run (see ``ray_support.start_shared_ray``).
     """
     keep_ray_on_loopback()
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        yield
-        return
-    with local_ray(num_cpus=2):
-        yield
+    pytest.importorskip("ray")
+    start_shared_ray()
 
 
 @pytest.fixture

@@ -47,12 +47,13 @@ def endpoints_of(processes: list[object]) -> set[str]:
     return found
 
 
-@contextlib.contextmanager
-def local_ray(num_cpus: int = 2, num_gpus: int = 0) -> Iterator[None]:
-    """A local Ray instance on 127.0.0.1 only (``num_gpus`` declared, not real), then shut down.
+#: The temp dir of the run's shared local Ray, while it is up.
+_shared: dict[str, str] = {}
 
-    Its temp dir is short and under /tmp: Ray's socket paths must fit in 107 bytes.
-    """
+
+def _start(num_cpus: int, num_gpus: int) -> str:
+    """Start a local Ray on 127.0.0.1 only; its temp dir (short, under /tmp: Ray's socket
+    paths must fit in 107 bytes)."""
     keep_ray_on_loopback()
     import ray
 
@@ -66,6 +67,44 @@ def local_ray(num_cpus: int = 2, num_gpus: int = 0) -> Iterator[None]:
         _temp_dir=temp_dir,
         log_to_driver=False,
     )
+    return temp_dir
+
+
+def start_shared_ray() -> None:
+    """The run's one local Ray (2 CPUs), started on first use and kept up between tests.
+
+    Starting Ray takes seconds; one instance serves every Ray test of the run. A test that
+    needs another configuration (declared GPUs, two nodes) stops it (:func:`stop_shared_ray`,
+    or :func:`local_ray`), and the next test that needs the shared one starts it again.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        _shared["temp_dir"] = _start(num_cpus=2, num_gpus=0)
+
+
+def stop_shared_ray() -> None:
+    """Shut down the shared local Ray if it is up."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    temp_dir = _shared.pop("temp_dir", None)
+    if temp_dir is not None:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 2, num_gpus: int = 0) -> Iterator[None]:
+    """A local Ray of its own (``num_gpus`` declared, not real), then shut down.
+
+    The shared instance, if up, is stopped first: one Ray per process.
+    """
+    stop_shared_ray()
+    import ray
+
+    temp_dir = _start(num_cpus, num_gpus)
     try:
         yield
     finally:

@@ -106,7 +106,7 @@ def test_unreadable_result_fails_that_item_and_reruns_nothing(kind: str, tmp_pat
     assert runs == list(range(40)), "an item ran twice although no worker died"
 
 
-@pytest.mark.parametrize("kind", ["processes"])  # Ray's actor answers in backends/ray/actor
+@pytest.mark.parametrize("kind", PICKLING)
 def test_system_exit_while_a_result_is_pickled_or_unpickled_fails_that_item_only(
     kind: str,
 ) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from .ray_support import endpoints_of, is_loopback_ip, keep_ray_on_loopback
+from .ray_support import endpoints_of, is_loopback_ip, keep_ray_on_loopback, stop_shared_ray
 
 keep_ray_on_loopback()
 
@@ -36,7 +36,7 @@ FAST_NODE_DEATH = {
 
 @pytest.fixture
 def two_nodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any]]:
-    assert not ray.is_initialized(), "another test module left its Ray running"
+    stop_shared_ray()  # one Ray per process: this test's is a cluster of two nodes
     from ray.cluster_utils import Cluster
 
     for name, value in FAST_NODE_DEATH.items():

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 from py_stateful_map.backends.ray.codec import RayCodec
 from py_stateful_map.wire.messages import InitFailed, Ready, ResendItemwise
-from py_stateful_map.wire.serialization import loads
+from py_stateful_map.wire.serialization import PICKLING_ERRORS, loads
 from py_stateful_map.worker.answers import RETAINED_ANSWERS, make_sendable, run_encoded_chunk
 from py_stateful_map.worker.runtime import WorkerRuntime, format_exception_text
 
@@ -114,7 +114,7 @@ class ActorWorker:
     def _frame(self, message: Any) -> Reply:
         try:
             frame, buffers, refs, _ = self._codec.encode_with_refs(message)
-        except Exception:  # find the item(s) at fault and send the rest
+        except PICKLING_ERRORS:  # find the item(s) at fault and send the rest (SystemExit too)
             frame, buffers, refs, _ = self._codec.encode_with_refs(make_sendable(message))
         return Answer(frame, buffers, refs) if buffers or refs else frame
 
