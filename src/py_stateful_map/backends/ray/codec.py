@@ -1,12 +1,12 @@
 """Frames between the parent and Ray actors, with Ray object references carried beside them.
 
-A ``ray.ObjectRef`` that our own pickle flattens loses Ray's reference counting: its owner
-(the actor that called ``ray.put``) never learns that the driver holds it, frees the object,
-and the driver's ``ray.get`` waits forever (issue 17). So each reference leaves the pickle and
-travels in a list next to the frame, where Ray's serializer sees it and registers the receiver
-as a borrower; in the pickle it is replaced by its index in that list, and the receiver's
-unpickler puts each one back in place. Large buffers leave the pickle too, as in
-``Codec.encode_detached``.
+A ``ray.ObjectRef`` that our own pickle flattens loses Ray's reference counting: its owner (the
+actor that called ``ray.put``) never learns that the driver holds it, frees the object, and the
+driver's ``ray.get`` waits forever (seen with actors that returned references). So each
+reference leaves the pickle and travels in a list next to the frame, where Ray's serializer
+sees it and registers the receiver as a borrower; in the pickle it is replaced by its index in
+that list, and the receiver's unpickler puts each one back in place. Large buffers leave the
+pickle too, as in ``Codec.encode_detached``.
 
 The plain pickler finds references through its ``dispatch_table``, which the C pickler consults
 only for objects of other than built-in types; a ``persistent_id`` hook would be a Python call

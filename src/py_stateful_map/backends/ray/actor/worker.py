@@ -12,9 +12,9 @@ Measured against the alternatives, per call on this 2-core VM: an async actor ad
 into an executor thread cost 0.87 ms of the actor's CPU, a threaded one doing the same 0.48
 ms, and running on Ray's thread removes the hop to the executor (0.11 ms more per call, the
 wake-up of a second thread). Nothing user code raises may reach Ray: ``SystemExit`` and
-``KeyboardInterrupt`` are reported like any exception (issue 17: on the async actor they
-stopped its event loop for good); our own code failing that way makes the answer ``fatal``
-and the parent reports the actor dead.
+``KeyboardInterrupt`` are reported like any exception (on the async actor this backend had
+first, they stopped its event loop for good); our own code failing that way makes the answer
+``fatal`` and the parent reports the actor dead.
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ code) every ``PROBE_INTERVAL_SECONDS``: one that leaves a probe unanswered for
 ``UNRESPONSIVE_SECONDS`` is killed and reported dead, and one that Ray cannot place within
 ``PLACEMENT_TIMEOUT_SECONDS`` fails to start with the reason. No map waits on Ray unbounded.
 Whatever user code raises — ``SystemExit`` and ``KeyboardInterrupt`` included — is caught
-before it reaches Ray and reported as the item's error (issue 17: on the async actor this
-backend had first, those two stopped its event loop for good).
+before it reaches Ray and reported as the item's error (on the async actor this backend had
+first, those two stopped its event loop for good).
 
 *Connection.* An initialized Ray is used as is; else ``address=``, else ``RAY_ADDRESS``, else
 a new local instance on 127.0.0.1 without dashboard. Ray started (or connected) here is shut

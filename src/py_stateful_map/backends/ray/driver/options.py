@@ -31,7 +31,7 @@ def with_defaults(ray: Any, actor_options: Sequence[dict[str, Any]]) -> list[dic
 
     Every actor must be placed before the pool starts, so a pool asking for CPUs that other
     actors hold would wait for them forever — a second pool on a small cluster (a CPU stage
-    feeding a GPU stage) never started (issue 17). The share is sized from what is free, not
+    feeding a GPU stage) never started. The share is sized from what is free, not
     from the cluster's total, rounded down to Ray's 1e-4 resolution; with nothing free the
     actors reserve no CPU and share the CPUs with whoever holds them. Explicit ``num_cpus``
     is left as given.

@@ -24,7 +24,7 @@ from py_stateful_map.worker.runtime import WorkerSpec
 def dumps_spec(spec: WorkerSpec) -> bytes:
     """Pickle the spec, shipping by value the code of modules Ray workers may not import."""
     # One entry per module: a collate_fn next to the worker class must not register (and then
-    # unregister) its module twice, the second unregister raising "not registered" (#17).
+    # unregister) its module twice, the second unregister raising "not registered".
     found = (_module_of(obj) for obj in (spec.target, spec.collate_fn))
     modules = {m.__name__: m for m in found if m is not None}
     by_value = [m for m in modules.values() if not importable_everywhere(m)]
