@@ -12,13 +12,12 @@
     wait          <- ray.wait(start refs + each actor's oldest chunk ref + watch refs), probes
 
 The actor's side is ``backends.ray.actor.worker.ActorWorker``. Frames are the processes
-backend's: the parent
-pickles each chunk itself and the actor pickles each answer itself, so a value that cannot
-cross still fails one known item. Large buffers (numpy arrays, torch CPU tensors of 64 KiB or
-more) leave the pickle and travel next to the frame as pickle-5 buffers, which Ray writes once
-into its shared-memory object store; the receiver copies each out once, so arrays arrive
-writable, as on the other backends. Ray object references travel next to the frame too, where
-Ray counts them (``backends.ray.codec``).
+backend's: the parent pickles each chunk itself and the actor pickles each answer itself, so a
+value that cannot cross still fails one known item. Large buffers (numpy arrays, torch CPU
+tensors of 64 KiB or more) leave the pickle and travel next to the frame as pickle-5 buffers,
+which Ray writes once into its shared-memory object store; the receiver copies each out once,
+so arrays arrive writable, as on the other backends. Ray object references travel next to the
+frame too, where Ray counts them (``backends.ray.codec``).
 
 *Death.* Every live actor has one ``watch()`` call pending that never returns, so Ray fails
 its reference the moment the actor dies, idle or busy — the counterpart of a process
