@@ -107,3 +107,35 @@ def test_parent_sigkill_ends_workers_and_their_children(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=20)
     assert wait_all_gone(workers + pids_in(registry), 10) == []
+
+
+class HoldsAPool:
+    """A worker whose state is a pool of its own (a worker fanning out to sub-workers)."""
+
+    def __init__(self, backend: str) -> None:
+        self.pool: StateFullWorkerPool[int] = StateFullWorkerPool(2, abs, backend=backend)
+
+    def __call__(self, x: int) -> int:
+        return sum(r.ret_val for r in self.pool.map([x, -x]))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("inner", ["threads", "processes"])
+def test_closing_idle_workers_that_hold_pools_is_prompt(inner: str) -> None:
+    # The grace period is for busy workers: idle ones whose state is a pool (whose own
+    # workers are idle too) stop at once, their pools' workers with them.
+    pool = StateFullWorkerPool(2, HoldsAPool, {"backend": inner})
+    assert [r.ret_val for r in pool.map([1, 2])] == [2, 4]
+    started = time.monotonic()
+    pool.close()
+    assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.timeout(60)
+def test_recycling_a_worker_that_holds_a_pool_is_prompt() -> None:
+    started = time.monotonic()
+    with StateFullWorkerPool(
+        1, HoldsAPool, {"backend": "processes"}, max_tasks_per_worker=1, chunk_size=1
+    ) as pool:
+        assert [r.ret_val for r in pool.map([1, 2, 3])] == [2, 4, 6]
+    assert time.monotonic() - started < 15.0  # three recycles took 10 s each

@@ -11,6 +11,15 @@ The parent never blocks on a write: a frame the pipe cannot take yet waits in th
 outbox and is flushed when ``poll`` says the pipe is writable. Otherwise a parent blocked
 writing a large chunk to a busy worker could not read the results that worker (or another)
 is blocked writing — the classic two-way pipe deadlock.
+
+Worker processes are not daemonic (a worker may start processes of its own), so whatever
+exits through ``multiprocessing.util._exit_function`` — a worker told to stop, the main
+process at exit — joins them, without a timeout. A backend therefore registers a
+``multiprocessing.util.Finalize`` with an exit priority, as ``multiprocessing.Pool`` does
+(CPython Lib/multiprocessing/pool.py, ``self._terminate = util.Finalize(...,
+exitpriority=15)``): ``_exit_function`` runs such finalizers *before* that join, so a pool
+held by a worker's state stops its workers when that worker stops, instead of being waited
+for until the outer pool's grace period ran out and killed it.
 """
 
 from __future__ import annotations
@@ -19,12 +28,14 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.util
 import os
 import select
 import shutil
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
@@ -53,6 +64,11 @@ from .orphans import sweep_orphans
 from .pipe_channel import PipeChannel
 
 logger = logging.getLogger("py_stateful_map")
+#: Seconds the exit finalizer lets this backend's workers stop before they are terminated:
+#: at a process's exit nobody reads their results (see the module docstring).
+_EXIT_GRACE = 1.0
+#: Finalizers with higher priorities run first; ``multiprocessing.Pool`` uses 15.
+_EXIT_PRIORITY = 15
 _POOL_IDS = itertools.count()  # tells apart the shared memory of pools in one process
 
 
@@ -106,6 +122,9 @@ class ProcessBackend:
         self._worker_pids: set[int] = set()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._woken = False
+        self._at_exit = multiprocessing.util.Finalize(
+            None, _shutdown_at_exit, (weakref.ref(self),), exitpriority=_EXIT_PRIORITY
+        )
 
     def _crash_log(self, index: int) -> Path:
         return self._crash_dir / f"worker-{index}.log"
@@ -303,6 +322,7 @@ class ProcessBackend:
     def shutdown(self, grace: float | None, *, cancel: bool) -> None:
         if os.getpid() != self._owner_pid:
             return  # a forked copy of the caller: the workers are not ours to stop
+        self._at_exit.cancel()
         live: list[tuple[BaseProcess, PipeChannel | None]] = [
             (process, channel)
             for process, channel in zip(self._processes, self._channels, strict=True)
@@ -330,6 +350,13 @@ class ProcessBackend:
             self._segments.close()
         for pid in self._worker_pids:
             unlink_prefix(f"{prefix_for(os.getpid())}w{pid}-")
+
+
+def _shutdown_at_exit(backend_ref: weakref.ref[ProcessBackend]) -> None:
+    """Stop a backend still open when its process exits (see the module docstring)."""
+    backend = backend_ref()
+    if backend is not None:
+        backend.shutdown(_EXIT_GRACE, cancel=True)
 
 
 #: ``owner`` markers in ``_wait_once`` for fds that belong to no live worker index.
