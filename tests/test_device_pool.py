@@ -482,3 +482,67 @@ def test_device_pool_never_initializes_cuda_in_the_parent(tmp_path: Path) -> Non
     assert done.returncode == 0, done.stderr
     assert "results 10 (2,)" in done.stdout
     assert "cuda initialized in parent: False" in done.stdout
+
+
+# -- thread workers on GPUs keep the user's class (issue 22 item 4) -------------------------------
+
+
+class OtherRecordingWorker(RecordingWorker):
+    """Another worker class with the same constructor: another job."""
+
+
+def test_a_gpu_pool_resumes_on_threads_after_processes_and_refuses_another_class(
+    tmp_path: Path,
+) -> None:
+    """The job a checkpoint records is the user's class on every backend: thread workers on GPUs
+    were built through an internal wrapper class, so resuming a process run on threads was
+    refused, and another class on threads was accepted (both checked the wrapper)."""
+    from py_stateful_map import CheckpointMismatchError
+
+    store = tmp_path / "run.ckpt"
+    options: dict[str, Any] = {
+        "devices": ["cuda:0", "cuda:1"],
+        "device_probe": two_gpus,
+        "shared_kwarg_dict": {"record_dir": str(tmp_path)},
+    }
+    with DevicePool(RecordingWorker, **options) as pool:
+        first = [r.ret_val for r in pool.map(range(6), checkpoint=store)]
+    with DevicePool(RecordingWorker, backend="threads", **options) as pool:
+        again = list(pool.map(range(6), checkpoint=store))
+    assert [r.ret_val for r in again] == first
+    assert all(r.from_checkpoint for r in again), "the threads run replayed the processes run"
+    with DevicePool(OtherRecordingWorker, backend="threads", **options) as pool:
+        with pytest.raises(CheckpointMismatchError, match="OtherRecordingWorker"):
+            list(pool.map(range(6), checkpoint=store))
+
+
+class PreparingOnThreads:
+    """Records the thread of each ``prepare`` and of each ``__call__``."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def prepare(self, batch: list[int]) -> list[tuple[int, str]]:
+        import threading
+
+        return [(x, threading.current_thread().name) for x in batch]
+
+    def __call__(self, batch: list[tuple[int, str]]) -> list[tuple[int, str, str]]:
+        import threading
+
+        return [(x, prepared_on, threading.current_thread().name) for x, prepared_on in batch]
+
+
+def test_thread_workers_on_gpus_prepare_the_next_batch_ahead() -> None:
+    """``prepare`` overlaps ``__call__`` on thread workers on GPUs too (the wrapper class hid
+    ``prepare`` from the planner, so each chunk carried one batch and nothing overlapped)."""
+    with DevicePool(
+        PreparingOnThreads,
+        devices=["cuda:0", "cuda:1"],
+        device_probe=two_gpus,
+        backend="threads",
+        batch_size=2,
+    ) as pool:
+        results = [r.ret_val for r in pool.map(range(16))]
+    assert [x for x, _, _ in results] == list(range(16))
+    assert any(prepared != called for _, prepared, called in results), "prepare never ran ahead"

@@ -236,7 +236,8 @@ def test_driver_inherited_from_a_cuda_parent_fails_the_worker(
 ) -> None:
     libcuda = ForkedLibcuda(init_result)
     monkeypatch.setattr(_worker_env, "_too_late", None)
-    monkeypatch.setattr(_worker_env, "_loaded_libcuda", lambda: libcuda)
+    monkeypatch.setattr(_worker_env, "loaded_libcuda", lambda: libcuda)
+    monkeypatch.setattr(cuda_state, "loaded_libcuda", lambda: libcuda)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     if fails:  # cuInit refused: the driver state came from the process we were forked from
         with pytest.raises(RuntimeError, match=r"under `if __name__ == '__main__':`"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -126,14 +125,10 @@ class DevicePool(StateFullWorkerPool[T]):
             injection.kwargs(extra, p.worker_devices if in_processes else p.devices)
             for p, extra in zip(placements, per_worker, strict=True)
         ]
-        worker = options.worker_class_or_func
-        if options.backend == "threads":
-            worker, init_kwargs = _on_thread_devices(worker, placements, init_kwargs)
         envs = _environments(placements) if in_processes else None
         self._open(
             options.for_workers(
                 len(placements),
-                worker_class_or_func=worker,
                 worker_kwarg_dict_arr=init_kwargs,
                 worker_env_arr=_merged_environments(envs, options.worker_env_arr),
                 worker_device_arr=self.devices,
@@ -262,43 +257,6 @@ def _merged_environments(
             "worker"
         )
     return [{**own, **dict(extra)} for own, extra in zip(placed, given, strict=True)]
-
-
-def _on_thread_devices(
-    worker_class: Callable[..., Any],
-    placements: Sequence[GroupPlacement],
-    init_kwargs: list[dict[str, Any]],
-) -> tuple[Callable[..., Any], list[dict[str, Any]]]:
-    """Thread workers on GPUs: build each one with its (first) GPU as the thread's device.
-
-    A thread cannot have a device mask of its own: a thread worker on a group gets the GPUs by
-    the names this process gives them (``devices=["cuda:2", "cuda:3"]``).
-    """
-    if not inspect.isclass(worker_class) or all(p.devices == (CPU,) for p in placements):
-        return worker_class, init_kwargs
-    return _OnThreadDevice, [
-        {**kwargs, "_psm_worker_class": worker_class, "_psm_device": placement.devices[0]}
-        for placement, kwargs in zip(placements, init_kwargs, strict=True)
-    ]
-
-
-class _OnThreadDevice:
-    """Makes the worker's GPU its thread's current CUDA device, then builds the user's worker.
-
-    A thread worker sees every GPU, and whatever uses "the current device" (``.cuda()``,
-    ``torch.zeros(..., device="cuda")``, cuBLAS/cuDNN handles, custom kernels) would use GPU 0
-    in every worker. The current device is per thread, and a thread worker is built and called
-    on its own thread, so setting it once, before the constructor, is enough. ``__new__``
-    returns the user's own object: nothing stands between the pool and it afterwards.
-    """
-
-    def __new__(
-        cls, *, _psm_worker_class: Callable[..., Any], _psm_device: str, **kwargs: Any
-    ) -> Any:
-        torch = sys.modules.get("torch")  # a worker whose module never imported torch: skip
-        if torch is not None and _psm_device.startswith("cuda:") and torch.cuda.is_available():
-            torch.cuda.set_device(int(_psm_device.partition(":")[2]))
-        return _psm_worker_class(**kwargs)
 
 
 __all__ = ["DevicePool"]

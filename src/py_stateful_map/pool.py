@@ -411,6 +411,7 @@ def _chunking_of(options: PoolOptions) -> tuple[int, int | None]:
 def _worker_specs(options: PoolOptions) -> list[WorkerSpec]:
     """What each worker builds and how it is called: the shared kwargs under its own."""
     per_worker = options.worker_kwarg_dict_arr or [{}] * options.slot_count
+    devices = options.worker_device_arr or [None] * options.slot_count
     return [
         WorkerSpec(
             target=options.worker_class_or_func,
@@ -419,9 +420,18 @@ def _worker_specs(options: PoolOptions) -> list[WorkerSpec]:
             batch_size=options.batch_size,
             collate_fn=options.collate_fn,
             prefetch=options.prefetch,
+            thread_cuda_device=_thread_gpu(options.backend, device),
         )
-        for own in per_worker
+        for own, device in zip(per_worker, devices, strict=True)
     ]
+
+
+def _thread_gpu(backend: str, device: str | None) -> str | None:
+    """A thread worker's (first) GPU, from its device label (``"cuda:2"``, ``"cuda:2,cuda:3"``)."""
+    if backend != "threads" or device is None:
+        return None
+    first = device.split(",")[0].strip()
+    return first if first.startswith("cuda:") else None
 
 
 def _worker_envs(options: PoolOptions) -> list[dict[str, str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import time
 import traceback
 from collections import OrderedDict
@@ -41,6 +42,11 @@ class WorkerSpec:
     batch_size: int | None = None
     collate_fn: Callable[[list[Any]], Any] | None = None
     prefetch: int = 1  # batches whose prepare(batch) runs ahead, when the worker defines it
+    #: A thread worker's GPU ("cuda:<n>"), made its thread's current CUDA device before the
+    #: constructor: threads share the process's GPUs and cannot be masked, so whatever uses
+    #: "the current device" (``.cuda()``, cuBLAS handles, custom kernels) would use GPU 0 in
+    #: every worker. None for processes (masked to their GPU) and CPU workers.
+    thread_cuda_device: str | None = None
 
     @property
     def is_stateful(self) -> bool:
@@ -59,6 +65,18 @@ def builds_state(target: Any) -> bool:
     (False, False, True)
     """
     return inspect.isclass(target) and any("__call__" in vars(base) for base in target.__mro__)
+
+
+def _make_current_cuda_device(device: str) -> None:
+    """Make ``device`` this thread's current CUDA device, if the worker's code uses torch.
+
+    The current device is per thread, and a thread worker is built and called on its own
+    thread, so setting it once, before the constructor, is enough. A worker whose modules
+    never imported torch has nothing to set.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and device.startswith("cuda:") and torch.cuda.is_available():
+        torch.cuda.set_device(int(device.partition(":")[2]))
 
 
 def format_exception_text(exc: BaseException) -> str:
@@ -194,6 +212,8 @@ class WorkerRuntime:
         started = time.perf_counter()
         spec = self._spec
         try:
+            if spec.thread_cuda_device is not None:
+                _make_current_cuda_device(spec.thread_cuda_device)
             state = spec.target(**spec.init_kwargs) if spec.is_stateful else spec.target
             self._run = self._make_runner(state)
         except BaseException as exc:  # sys.exit() in __init__ is a failed start, never a hang
