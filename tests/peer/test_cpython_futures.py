@@ -41,13 +41,6 @@ COMMENTED_LINE = "raise RuntimeError(123)  # some comment"
 #: CPython's support.PIPE_MAX_SIZE: more than a pipe buffer holds.
 PIPE_MAX_SIZE = 4 * 1024 * 1024 + 1
 
-KEEPS_LAST_CHUNK = pytest.mark.xfail(
-    strict=True,
-    reason="undocumented: a thread worker keeps its last RunChunk (the inputs it ran) alive "
-    "in a local until its next chunk arrives",
-)
-
-
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -117,7 +110,7 @@ def test_shutdown_race_issue12456_str_as_the_worker(backend: str) -> None:
         assert list(pool.imap([2] * 3)) == ["2", "2", "2"]
 
 
-@pytest.mark.parametrize("backend", ["processes", pytest.param("threads", marks=KEEPS_LAST_CHUNK)])
+@pytest.mark.parametrize("backend", ["processes", "threads"])
 def test_no_stale_references(backend: str) -> None:
     """CPython ExecutorTest.test_no_stale_references (issue #16284): a task's objects are
     not kept once its future is discarded."""

@@ -328,20 +328,7 @@ def test_map_no_failfast() -> None:
     assert time.monotonic() - start < 30
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "processes",
-        pytest.param(
-            "threads",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="undocumented: a thread worker keeps its last RunChunk (the inputs it "
-                "ran) alive in a local until its next chunk arrives",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", ["processes", "threads"])
 def test_release_task_refs(backend: str) -> None:
     """CPython _TestPool.test_release_task_refs (issue #29861): arguments and results are
     not kept alive once the map is done (copies made by pickling included)."""

@@ -45,7 +45,13 @@ class _ThreadWorker:
                 message = self.inbox.get()
                 if not isinstance(message, RunChunk) or self.stopping.is_set():
                     break
-                self._events.put((self._index, runtime.run_chunk(message, message.payload)))
+                answer = runtime.run_chunk(message, message.payload)
+                # Waiting for the next chunk, the worker holds neither this chunk's items nor
+                # its results: the caller may expect them freed (as multiprocessing.Pool does
+                # since bpo-29861).
+                del message
+                self._events.put((self._index, answer))
+                del answer
                 if runtime.poisoned:  # the process's CUDA context is broken for every thread
                     self._events.put((self._index, WorkerExited(os.getpid(), EXIT_POISONED)))
                     return
