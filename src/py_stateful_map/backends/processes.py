@@ -45,7 +45,7 @@ from typing import Any
 from py_stateful_map.backends import process_tree as tree
 from py_stateful_map.devices.discovery import ensure_fork_is_safe
 from py_stateful_map.errors import SerializationError
-from py_stateful_map.wire.messages import Stop, ToWorker, WorkerExited
+from py_stateful_map.wire.messages import InitFailed, Ready, Stop, ToWorker, WorkerExited
 from py_stateful_map.wire.serialization import (
     Codec,
     decode_from_worker,
@@ -114,6 +114,9 @@ class ProcessBackend:
         count = len(specs)
         self._processes: list[BaseProcess | None] = [None] * count
         self._channels: list[PipeChannel | None] = [None] * count
+        #: The pid each worker greets with: its own, which is not ``process.pid`` where a
+        #: keeper process waits above it (see ``process_tree``).
+        self._greeted_pids: list[int | None] = [None] * count
         self._retiring: list[_Retiring] = []
         sweep_orphans()  # what earlier pools' killed parents left behind
         self._crash_dir = make_crash_dir()
@@ -152,6 +155,7 @@ class ProcessBackend:
             with contextlib.suppress(OSError):  # the child does it too: whoever runs first
                 os.setpgid(process.pid, process.pid)
         self._processes[index] = process
+        self._greeted_pids[index] = None
         self._channels[index] = PipeChannel(parent_conn, Codec(self._segments))
         if process.pid is not None:
             self._worker_pids.add(process.pid)
@@ -247,7 +251,11 @@ class ProcessBackend:
         try:
             while channel.readable():
                 frame = channel.conn.recv_bytes()
-                events.append((index, decode_from_worker(channel.codec, frame)))
+                message = decode_from_worker(channel.codec, frame)
+                if isinstance(message, Ready | InitFailed):
+                    self._greeted_pids[index] = message.pid  # names its shared memory too
+                    self._worker_pids.add(message.pid)
+                events.append((index, message))
         except (EOFError, OSError):
             channel.at_eof = True  # the sentinel will fire too; it reports the death
 
@@ -262,9 +270,10 @@ class ProcessBackend:
             channel.close()
         self._channels[index] = None
         self._processes[index] = None
-        unlink_prefix(f"{prefix_for(os.getpid())}w{process.pid}-")
+        pid = self._greeted_pids[index] or process.pid
+        unlink_prefix(f"{prefix_for(os.getpid())}w{pid}-")
         return WorkerExited(
-            pid=process.pid, exitcode=process.exitcode, crash_report=self._read_crash(index)
+            pid=pid, exitcode=process.exitcode, crash_report=self._read_crash(index)
         )
 
     def _read_crash(self, index: int) -> str:
