@@ -153,30 +153,32 @@ def test_recycling_a_worker_that_holds_a_pool_is_prompt() -> None:
 
 # -- processes that leave the worker's process group ---------------------------------------
 
-#: A daemon: its first child exits, so the second is an orphan in a session of its own.
+#: A daemon: its first child exits, so the second is an orphan in a session of its own. It
+#: writes its pid to the file it is given (whole, by a rename).
 DAEMON = """
 import os, sys, time
 if os.fork():
     os._exit(0)
-with open(sys.argv[1], "a") as f:
-    f.write(f"{os.getpid()}\\n")
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
 time.sleep(60)
 """
 
 
 def start_detached(registry: str) -> None:
-    """Start a child in a session of its own and a daemon; wait until both are recorded."""
-    path = Path(registry)
-    expected = len(pids_in(path)) + 2
+    """Start a child in a session of its own and a daemon; record both pids in ``registry``."""
     child = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
     )
-    with path.open("a") as f:
-        f.write(f"{child.pid}\n")
-    subprocess.run([sys.executable, "-c", DAEMON, registry], start_new_session=True, check=True)
+    own = Path(f"{registry}.{os.getpid()}")  # this worker's daemon's pid
+    own.unlink(missing_ok=True)
+    subprocess.run([sys.executable, "-c", DAEMON, str(own)], start_new_session=True, check=True)
     deadline = time.monotonic() + 20
-    while len(pids_in(path)) < expected and time.monotonic() < deadline:
+    while not own.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
+    with Path(registry).open("a") as f:
+        f.write(f"{child.pid}\n{own.read_text()}\n")
 
 
 class Detaching:
