@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import multiprocessing
 import os
 import pickle
 import random
@@ -652,6 +653,64 @@ def test_second_map_while_first_unfinished_raises_pool_busy(kind: str) -> None:
 
 
 # -- start methods and serialization -------------------------------------------------------------
+
+
+class SharesState:
+    """A worker sharing a lock, a counter, a queue, a barrier and a slot of its own."""
+
+    def __init__(self, lock: Any, counter: Any, queue: Any, barrier: Any, slot: Any) -> None:
+        self.lock, self.counter, self.queue = lock, counter, queue
+        barrier.wait(timeout=60)  # every worker has been built: they all wait at one barrier
+        slot.value = os.getpid()
+
+    def __call__(self, x: int) -> int:
+        with self.lock:
+            self.counter.value += 1
+        self.queue.put(x)
+        return x
+
+
+def shared_state(make: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Shared and per-worker kwargs holding multiprocessing objects made by ``make``."""
+    shared = {
+        "lock": make.Lock(),
+        "counter": make.Value("i", 0, lock=False),
+        "queue": make.Queue(),
+        "barrier": make.Barrier(NUM_WORKERS),
+    }
+    return shared, [{"slot": make.RawValue("i", 0)} for _ in range(NUM_WORKERS)]
+
+
+def check_shared_state(start_method: str, make: Any) -> None:
+    shared, own = shared_state(make)
+    with StateFullWorkerPool(
+        NUM_WORKERS, SharesState, shared, own, start_method=start_method
+    ) as pool:
+        assert [r.ret_val for r in pool.map(range(20))] == list(range(20))
+        pids = {worker["pid"] for worker in pool.stats().workers}
+    assert shared["counter"].value == 20
+    assert sorted(shared["queue"].get(timeout=30) for _ in range(20)) == list(range(20))
+    assert {slot["slot"].value for slot in own} == pids
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver", "fork"])
+def test_multiprocessing_objects_in_kwargs_reach_every_start_method(start_method: str) -> None:
+    """Issue 22 item 12: they were refused ("shared ... only through inheritance")."""
+    check_shared_state(start_method, multiprocessing.get_context(start_method))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver", "fork"])
+def test_multiprocessing_objects_of_the_default_context_reach_workers(start_method: str) -> None:
+    if multiprocessing.get_start_method() == "fork" and start_method != "fork":
+        # CPython cannot share a semaphore made for fork with a process it did not fork
+        # (cpython#77377): said up front, with the fix, and nothing is left running.
+        shared, own = shared_state(multiprocessing)
+        with pytest.raises(SerializationError, match=rf"get_context\('{start_method}'\)"):
+            StateFullWorkerPool(NUM_WORKERS, SharesState, shared, own, start_method=start_method)
+        return
+    check_shared_state(start_method, multiprocessing)
 
 
 @pytest.mark.parametrize("kind", PROCESS_KINDS)

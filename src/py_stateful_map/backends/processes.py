@@ -49,7 +49,7 @@ from py_stateful_map.wire.messages import InitFailed, Ready, Stop, ToWorker, Wor
 from py_stateful_map.wire.serialization import (
     Codec,
     decode_from_worker,
-    dumps_by_value,
+    dumps_for_process_start,
     pickle_specs,
 )
 from py_stateful_map.wire.shared_memory import SegmentPool, available, prefix_for, unlink_prefix
@@ -107,7 +107,11 @@ class ProcessBackend:
         if start_method == "forkserver":
             self._ctx.set_forkserver_preload(_preload_modules(specs))
         hint = "; install cloudpickle, or use backend='threads'"
-        self._spec_bytes = pickle_specs(specs, dumps_by_value, "a worker process", hint)
+        pickled = pickle_specs(specs, dumps_for_process_start, "a worker process", hint)
+        self._spec_bytes = [spec_bytes for spec_bytes, _ in pickled]
+        #: Each worker's multiprocessing objects (locks, queues, shared values): they go in
+        #: the ``Process`` args, for multiprocessing to pickle while it starts the worker.
+        self._inherited = [inherited for _, inherited in pickled]
         self._envs = list(envs)
         self._owner_pid = os.getpid()
         self._retire_grace = retire_grace
@@ -141,6 +145,7 @@ class ProcessBackend:
                 child_conn,
                 self._envs[index],
                 self._spec_bytes[index],
+                self._inherited[index],
                 str(self._crash_log(index)),
                 os.getpid(),
                 self._start_method == "forkserver"
@@ -149,7 +154,14 @@ class ProcessBackend:
             # the name carries the environment: applied before the child imports __main__
             name=WorkerName(f"py_stateful_map-worker-{index}", self._envs[index]),
         )
-        process.start()
+        try:
+            process.start()
+        except Exception as exc:
+            parent_conn.close()
+            child_conn.close()
+            if not self._inherited[index] or isinstance(exc, OSError):
+                raise
+            raise self._inheritance_error(exc) from exc
         child_conn.close()  # only the child holds its end, so EOF reaches each side on death
         if process.pid is not None:
             with contextlib.suppress(OSError):  # the child does it too: whoever runs first
@@ -159,6 +171,23 @@ class ProcessBackend:
         self._channels[index] = PipeChannel(parent_conn, Codec(self._segments))
         if process.pid is not None:
             self._worker_pids.add(process.pid)
+
+    def _inheritance_error(self, exc: Exception) -> SerializationError:
+        """Multiprocessing could not pickle a worker's multiprocessing objects as it started it.
+
+        Mostly a lock (or a queue, a value with its lock) made for ``fork`` — what plain
+        ``multiprocessing.Lock()`` makes where fork is the default start method (Linux before
+        Python 3.14): its semaphore has no name another process could open, so CPython shares
+        it only with processes it forks (cpython#77377).
+        """
+        method = self._start_method
+        return SerializationError(
+            f"the multiprocessing objects in the init kwargs cannot reach a worker process "
+            f"started by {method!r}: {type(exc).__name__}: {exc}. Make them with that start "
+            f"method's context, e.g. ctx = multiprocessing.get_context({method!r}); "
+            "ctx.Lock(), ctx.Queue(), ctx.Value(...), or use start_method='fork' (where CUDA is "
+            "not initialized in this process)"
+        )
 
     def send(self, index: int, message: ToWorker) -> int:
         channel = self._channels[index]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import pickle
 import struct
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -35,6 +36,7 @@ _HEADER_SIZE = struct.Struct("<I")
 DETACH_THRESHOLD = 64 * 1024
 
 M = TypeVar("M")
+P = TypeVar("P")  # what pickling a spec gives
 
 #: What pickling or unpickling a user's object may raise, each the failure of that one item:
 #: any ``Exception``, and the exits a ``__reduce__`` or a rebuilding function can call
@@ -53,28 +55,54 @@ def _cloudpickle() -> Any:
     return cloudpickle
 
 
-def dumps(obj: Any) -> bytes:
+#: Replaces an object by a reference pickled in its place (``Pickler.persistent_id``).
+PersistentId = Callable[[Any], Any]
+
+
+def dumps(obj: Any, persistent_id: PersistentId | None = None) -> bytes:
     """Pickle ``obj``, falling back to cloudpickle for objects only picklable by value.
 
     Tensors go as CPU tensors holding only their own elements, wherever they are nested
     (``wire.host_copy``): a CUDA tensor would otherwise be rebuilt on the receiver's GPU.
     """
     try:
-        return _dump(pickle.Pickler, obj)
+        return _dump(pickle.Pickler, obj, persistent_id)
     except (pickle.PicklingError, AttributeError, TypeError):
         cloudpickle = _cloudpickle()
         if cloudpickle is None:
             raise
-        return _dump(cloudpickle.Pickler, obj)
+        return _dump(cloudpickle.Pickler, obj, persistent_id)
 
 
-def _dump(pickler_type: Any, obj: Any) -> bytes:
+def _dump(pickler_type: Any, obj: Any, persistent_id: PersistentId | None = None) -> bytes:
     stream = io.BytesIO()
-    tensor_pickler(stream, _PROTOCOL, pickler_type).dump(obj)
+    if persistent_id is not None:
+        pickler_type = _with_persistent_ids(pickler_type)
+    pickler = tensor_pickler(stream, _PROTOCOL, pickler_type)
+    if persistent_id is not None:
+        pickler.references = persistent_id  # type: ignore[attr-defined]
+    pickler.dump(obj)
     return stream.getvalue()
 
 
-def dumps_by_value(obj: Any) -> bytes:
+_WITH_PERSISTENT_IDS: dict[type, type] = {}
+
+
+def _with_persistent_ids(pickler_type: type) -> type:
+    """A subclass asking its instance's ``references`` for persistent ids (Python 3.13 no
+    longer lets an instance of the C pickler itself take a ``persistent_id`` attribute)."""
+    subclass = _WITH_PERSISTENT_IDS.get(pickler_type)
+    if subclass is None:
+
+        def persistent_id(self: Any, obj: Any) -> Any:
+            return self.references(obj)
+
+        subclass = type(pickler_type.__name__, (pickler_type,), {"persistent_id": persistent_id})
+        _WITH_PERSISTENT_IDS[pickler_type] = subclass
+    return subclass
+
+
+def dumps_by_value(obj: Any, persistent_id: PersistentId | None = None) -> bytes:
     """Pickle a worker definition so it can be rebuilt where ``__main__`` differs.
 
     A class defined in a notebook cell or in ``__main__`` pickles by reference to a module the
@@ -82,8 +110,65 @@ def dumps_by_value(obj: Any) -> bytes:
     """
     cloudpickle = _cloudpickle()
     if cloudpickle is not None and _defined_in_main(obj):
-        return _dump(cloudpickle.Pickler, obj)
-    return dumps(obj)
+        return _dump(cloudpickle.Pickler, obj, persistent_id)
+    return dumps(obj, persistent_id)
+
+
+def dumps_for_process_start(obj: Any) -> tuple[bytes, list[Any]]:
+    """Pickle ``obj`` as :func:`dumps_by_value` does, except its ``multiprocessing`` objects.
+
+    A lock, queue, barrier, shared value or array may reach a process only while
+    multiprocessing starts it (``context.assert_spawning``: "... should only be shared between
+    processes through inheritance"). Each is left out, a reference pickled in its place, and
+    returned in a list that goes in the ``Process`` args: multiprocessing pickles it with its
+    own reduction while spawning (duplicating file descriptors for the child), or, with fork,
+    the child inherits it. :func:`loads_inherited` puts them back. An object found twice is
+    left out once, so it is one object again in the worker.
+    """
+    inherited: list[Any] = []
+    positions: dict[int, int] = {}
+
+    def leave_out(candidate: Any) -> int | None:
+        if not _shared_through_inheritance(candidate):
+            return None
+        position = positions.setdefault(id(candidate), len(inherited))
+        if position == len(inherited):
+            inherited.append(candidate)
+        return position
+
+    return dumps_by_value(obj, leave_out), inherited
+
+
+def _shared_through_inheritance(obj: Any) -> bool:
+    """Whether ``obj`` belongs to ``multiprocessing``, which alone can send it to a process.
+
+    Its classes live in ``multiprocessing.*``; ``RawValue``/``RawArray`` are plain ctypes
+    objects backed by multiprocessing's shared heap.
+    """
+    module = getattr(type(obj), "__module__", None) or ""
+    if module == "multiprocessing" or module.startswith("multiprocessing."):
+        return True
+    ctypes, heap = sys.modules.get("ctypes"), sys.modules.get("multiprocessing.heap")
+    if ctypes is None or heap is None:
+        return False
+    c_data = (ctypes._SimpleCData, ctypes.Array, ctypes.Structure, ctypes.Union)
+    return isinstance(obj, c_data) and isinstance(
+        getattr(obj, "_wrapper", None), heap.BufferWrapper
+    )
+
+
+class _InheritingUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, inherited: Sequence[Any]) -> None:
+        super().__init__(io.BytesIO(data))
+        self.inherited = inherited
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self.inherited[pid]
+
+
+def loads_inherited(data: bytes, inherited: Sequence[Any]) -> Any:
+    """Unpickle what :func:`dumps_for_process_start` pickled, given the objects it left out."""
+    return _InheritingUnpickler(data, inherited).load()
 
 
 def _defined_in_main(obj: Any) -> bool:
@@ -311,8 +396,8 @@ def decode_itemwise(
 
 
 def pickle_specs(
-    specs: Sequence[Any], dump: Callable[[Any], bytes], destination: str, hint: str = ""
-) -> list[bytes]:
+    specs: Sequence[Any], dump: Callable[[Any], P], destination: str, hint: str = ""
+) -> list[P]:
     """Pickle each worker's spec once, up front: a failure names the worker, not a pipe."""
     try:
         return [dump(spec) for spec in specs]

@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from py_stateful_map._cuda_state import cuda_driver_initialized
 from py_stateful_map.errors import EXIT_POISONED
@@ -47,7 +47,7 @@ from py_stateful_map.wire.messages import (
     Stop,
     evolve,
 )
-from py_stateful_map.wire.serialization import PICKLING_ERRORS, Codec, loads
+from py_stateful_map.wire.serialization import PICKLING_ERRORS, Codec, loads_inherited
 from py_stateful_map.wire.shared_memory import SegmentPool, available, prefix_for, unlink_prefix
 
 from .answers import RETAINED_ANSWERS, make_sendable, run_encoded_chunk
@@ -75,11 +75,16 @@ def worker_process_main(
     conn: Connection,
     env: dict[str, str],
     spec_bytes: bytes,
+    inherited: list[Any],
     crash_log_path: str,
     parent_pid: int,
     death_signal: bool,
 ) -> None:
-    """Run one worker until told to stop or until the parent goes away."""
+    """Run one worker until told to stop or until the parent goes away.
+
+    ``inherited`` holds the multiprocessing objects of the worker's spec, which came with the
+    process start instead of in ``spec_bytes`` (see ``wire.serialization.dumps_for_process_start``).
+    """
     global _parent_pid
     _parent_pid = parent_pid
     started = time.perf_counter()
@@ -95,7 +100,8 @@ def worker_process_main(
     codec = Codec(pool)
     try:
         ensure_environment_in_time(env)  # CUDA started without the mask: fail, never misplace
-        runtime = WorkerRuntime(loads(spec_bytes), retained_answers=RETAINED_ANSWERS)
+        spec = loads_inherited(spec_bytes, inherited)
+        runtime = WorkerRuntime(spec, retained_answers=RETAINED_ANSWERS)
         greeting: Ready | InitFailed = runtime.start()
         if isinstance(greeting, Ready):  # count the imports unpickling the worker triggered
             greeting = evolve(greeting, init_seconds=time.perf_counter() - started)
