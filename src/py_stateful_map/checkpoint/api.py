@@ -25,7 +25,10 @@ What makes a resume safe:
   again (their own exception type, or :class:`~py_stateful_map.errors.CheckpointedError`
   when it cannot be rebuilt), or re-runs them with ``retry_failed=True``;
 - one run at a time writes a checkpoint; a second gets a clear :class:`CheckpointError`. A
-  file that is not a checkpoint, is damaged, or cannot be written fails before any item runs.
+  file that is not a checkpoint, is damaged, or cannot be written fails before any item runs;
+- reading a file runs no code it names: common results are stored as plain data, and a
+  pickle (any other result, an exception) is loaded only if the user reading it signed it
+  (see *Trust* in :class:`Checkpoint`).
 
 The file is an SQLite database (WAL mode) that any SQLite tool can read; the layout is in
 ``checkpoint.file``, how a run reads and writes it in ``checkpoint.run``.
@@ -103,6 +106,19 @@ class Checkpoint:
         verify_inputs: check each reused item against the fingerprint of the input it had.
         fsync: make each commit wait for the disk, so results also survive a power failure;
             without it they survive any crash of the process (SIGKILL, the OOM killer).
+        trusted: load every pickle the file holds, signed by this user or not (see Trust).
+
+    Trust: common results (None, bool, int, float, str, bytes, lists, tuples and dicts of
+    them, numpy arrays and scalars, CPU torch tensors) are stored as data, which runs no code
+    when read. Other results and failed items' exceptions are pickles, signed (HMAC-SHA256)
+    with a secret of the user who wrote them, made on first use at
+    ``~/.local/share/py_stateful_map/checkpoint_secret`` (``$XDG_DATA_HOME``, or the file
+    named by ``$PSM_CHECKPOINT_SECRET_FILE``). Since unpickling can run any code, a pickle
+    signed by anyone else or not at all (a file of another user or machine, or altered) is
+    refused with a :class:`CheckpointError` naming the item, before it is unpickled; a stored
+    exception then comes back as a ``CheckpointedError`` with its text. A file of format 1,
+    written before signatures, is refused as a whole. Pass ``trusted=True`` only for a file
+    you know, such as your own from another machine.
 
     A plain path works wherever a ``Checkpoint`` is accepted (:func:`as_checkpoint`).
     """
@@ -117,6 +133,7 @@ class Checkpoint:
         retry_failed: bool = False,
         verify_inputs: bool = True,
         fsync: bool = False,
+        trusted: bool = False,
     ) -> None:
         if key is not None and not callable(key):
             raise TypeError(f"key must be a callable (item -> int | str | bytes), got {key!r}")
@@ -127,6 +144,7 @@ class Checkpoint:
         self.retry_failed = retry_failed
         self.verify_inputs = verify_inputs
         self.fsync = fsync
+        self.trusted = trusted
 
     def __repr__(self) -> str:
         options = "".join(
@@ -134,6 +152,8 @@ class Checkpoint:
             for name, value in (("key", self.key), ("run_id", self.run_id))
             if value is not None
         )
+        if self.trusted:
+            options += ", trusted=True"
         return f"Checkpoint({str(self.path)!r}{options})"
 
     # -- writing (the map loop) -----------------------------------------------------------
@@ -156,7 +176,7 @@ class Checkpoint:
         lock = RunLock(path)
         lock.acquire()
         try:
-            conn, new = connect(path, readonly=False)
+            conn, new = connect(path, readonly=False, trusted=self.trusted)
             try:
                 return self._start(conn, lock, new, worker, init_kwargs, length)
             except BaseException:
@@ -177,7 +197,6 @@ class Checkpoint:
     ) -> CheckpointRun:
         path = str(self.path)
         current: dict[str, str | None] = {
-            "format": str(FORMAT),
             "library_version": __version__,
             "worker": qualified_name(worker),
             "init_kwargs": dump_json(kwargs_digests(init_kwargs)),
@@ -193,6 +212,7 @@ class Checkpoint:
             if new:
                 create_schema(conn, positional=self.key is None)
                 current["created"] = timestamp()
+                current["format"] = str(FORMAT)  # an existing file keeps its own (1 stays 1)
             else:
                 self._check_job(read_manifest(conn), current)
             write_manifest(conn, current)
@@ -211,6 +231,7 @@ class Checkpoint:
             retry_failed=self.retry_failed,
             verify_inputs=self.verify_inputs,
             stored_end=stored_end,
+            trusted=self.trusted,
         )
 
     def _check_job(self, stored: Mapping[str, str], current: Mapping[str, str | None]) -> None:
@@ -246,7 +267,7 @@ class Checkpoint:
         (see :meth:`failures`). Readable while a run writes the file (it sees what that run
         committed when iteration started).
         """
-        conn, custom = self._reader()
+        conn, custom = self._reader(values=True)
         rows = conn.execute("SELECT key, n, value FROM results WHERE status = 'done' ORDER BY key")
         return self._stream(conn, rows, custom)
 
@@ -255,7 +276,7 @@ class Checkpoint:
     ) -> Iterator[tuple[Any, Any]]:
         try:
             for key, n, blob in rows:
-                values = read_values(str(self.path), key, n, blob)
+                values = read_values(str(self.path), key, n, blob, trusted=self.trusted)
                 if custom:
                     yield key, values[0]
                 else:
@@ -267,7 +288,7 @@ class Checkpoint:
 
     def failures(self) -> Iterator[tuple[Any, str]]:
         """``(key, traceback text)`` of every item whose last run failed, in key order."""
-        conn, _ = self._reader()
+        conn, _ = self._reader(values=False)
         try:
             yield from conn.execute(
                 "SELECT key, error FROM results WHERE status = 'failed' ORDER BY key"
@@ -277,7 +298,7 @@ class Checkpoint:
 
     def status(self) -> CheckpointStatus:
         """How many items are done, failed, and (when the input length is known) pending."""
-        conn, _ = self._reader()
+        conn, _ = self._reader(values=False)
         try:
             counts = dict(conn.execute("SELECT status, sum(n) FROM results GROUP BY status"))
             length = read_manifest(conn).get("length")
@@ -289,8 +310,10 @@ class Checkpoint:
         pending = None if length is None else max(int(length) - done - failed, 0)
         return CheckpointStatus(done, failed, pending)
 
-    def _reader(self) -> tuple[sqlite3.Connection, bool]:
-        conn, _ = connect(str(self.path), readonly=True)
+    def _reader(self, *, values: bool) -> tuple[sqlite3.Connection, bool]:
+        """A read-only connection; ``values=False``: the caller reads no stored values, so
+        the file's format does not matter to trust."""
+        conn, _ = connect(str(self.path), readonly=True, trusted=self.trusted or not values)
         try:
             custom = read_manifest(conn).get("key") == "custom"
         except sqlite3.DatabaseError as exc:

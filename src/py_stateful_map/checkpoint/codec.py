@@ -20,17 +20,32 @@ Job digests
     of the value with sets and dict keys put in a canonical order, or of its ``repr`` without
     memory addresses when it cannot be pickled.
 
-Values
-    A row's values are pickled as one list (protocol 5: arrays as raw bytes, never text; a
-    torch tensor as the numpy array of its own elements, see ``wire.host_copy``). When they are
-    all numpy arrays (or CPU tensors) of one shape and dtype, as an embedding model's are,
-    they are stacked into one array first: a pickle of one buffer instead of one object
-    per item, six times faster to write and four to read; each comes back as its own array.
+Values (see "Trust" in ``checkpoint.api``)
+    A row's values are stored as one blob, whose first byte says how:
+
+    - ``V``: the list of values in ``checkpoint.tagged``, a format that runs no code when
+      read (``O``: the one value of a row of one item, as every row is with ``key=``): None,
+      bool, int, float, str, bytes, lists, tuples and dicts of them, numpy arrays and scalars
+      of plain dtypes, CPU torch tensors. A list of one type is packed (a row of ints is one
+      array); numpy arrays (or CPU tensors) of one shape and dtype, as an embedding model's,
+      are stacked into one array: one buffer instead of one object per item, each read back
+      as its own array;
+    - ``P``: anything else, pickled as one list (protocol 5; tensors as the numpy arrays of
+      their own elements, see ``wire.host_copy``; cloudpickle as a fallback), behind its
+      HMAC-SHA256 signature (``checkpoint.signing``). It is unpickled only if the signature is
+      this user's, or the reader passed ``trusted=True``; otherwise :class:`NotTrusted`;
+    - ``0x80``: a bare pickle, as checkpoint format 1 (before signatures) stored every value:
+      read only when trusted.
+
+    A failed item's blob is a ``V`` tuple ``(type name, repr of its args, str, exception)``, the
+    exception a ``P`` blob (or None when it cannot be rebuilt); the traceback text is beside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import pickle
 import re
 import sys
@@ -42,8 +57,11 @@ from operator import methodcaller, or_
 from typing import Any
 from zlib import crc32
 
-from py_stateful_map.errors import CheckpointedError
+from py_stateful_map.errors import CheckpointedError, CheckpointError
 from py_stateful_map.wire.serialization import dumps
+
+from . import signing, tagged
+from .tagged import Unsupported
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
@@ -152,90 +170,130 @@ def qualified_name(worker: Any) -> str:
     return f"{module}.{name}"
 
 
-_STACKED = "py_stateful_map.stacked"
+logger = logging.getLogger("py_stateful_map")
+_SAFE = b"V"
+_SAFE_ONE = b"O"
+_SAFE_BYTE, _SAFE_ONE_BYTE = _SAFE[0], _SAFE_ONE[0]
+_SIGNED = b"P"
+_BARE_PICKLE = b"\x80"  # the PROTO opcode every pickle of protocol 2 and later starts with
+_LEGACY_STACKED = "py_stateful_map.stacked"  # format 1's mark of a stacked row
+_TEXT_LIMIT = 4096
+_warned: list[bool] = []  # once a process: no secret to sign exceptions with
+
+
+class NotTrusted(Exception):
+    """A stored pickle without this user's signature, met with ``trusted=False``."""
 
 
 def encode_values(values: list[Any]) -> bytes:
-    """A row's values as one pickle (tensors as their own elements; cloudpickle fallback)."""
-    payload: Any = values
-    stacked = _stacked(values)
-    if stacked is not None:
-        payload = (_STACKED, *stacked)  # a tuple: a row of values is always a list
+    """A row's values as one blob: in the safe format when it can hold them, else a signed
+    pickle (tensors as their own elements; cloudpickle fallback)."""
+    try:
+        if len(values) == 1:  # a row of one item (every row, with key=...): no list around it
+            return tagged.encode(values[0], _SAFE_ONE)
+        return tagged.encode(values, _SAFE)
+    except (Unsupported, RecursionError):  # an object of another type, or a cycle
+        pass
+    data = None
     if "torch" not in sys.modules:  # no tensor can be among them: the C pickler alone
-        try:
-            return pickle.dumps(payload, 5)
-        except Exception:  # e.g. a lambda: cloudpickle may manage it
-            pass
-    return dumps(payload)
+        with contextlib.suppress(Exception):  # e.g. a lambda: cloudpickle may manage it
+            data = pickle.dumps(values, 5)
+    return _signed(dumps(values) if data is None else data)
 
 
-def decode_values(blob: bytes) -> list[Any]:
-    payload = pickle.loads(blob)
+def decode_values(blob: bytes, *, trusted: bool) -> list[Any]:
+    """The values of a row; :class:`NotTrusted` before unpickling anything not signed."""
+    kind = blob[0]
+    if kind == _SAFE_ONE_BYTE:
+        return [tagged.decode(blob, 1)]
+    if kind == _SAFE_BYTE:
+        values = tagged.decode(blob, 1)
+        if type(values) is not list:
+            raise ValueError(f"a row holds a {type(values).__name__}, not a list")
+        return values
+    payload = pickle.loads(_pickle_in(blob, trusted=trusted))
     if type(payload) is list:
         return payload
-    _, kind, stacked = payload
-    if kind == "numpy":
-        return [stacked[i, ...].copy() for i in range(len(stacked))]
-    return [row.clone() for row in stacked]
+    if type(payload) is tuple and len(payload) == 3 and payload[0] == _LEGACY_STACKED:
+        _, kind, stacked = payload  # format 1: one array of a row's equal-shaped arrays
+        if kind == "numpy":
+            return [stacked[i, ...].copy() for i in range(len(stacked))]
+        return [row.clone() for row in stacked]
+    raise ValueError(f"a row holds a {type(payload).__name__}, not a list")
 
 
-def _stacked(values: list[Any]) -> tuple[str, Any] | None:
-    """("numpy" | "torch", one array of all values) when they share type, shape and dtype."""
-    if len(values) < 2:
-        return None
-    first = values[0]
-    numpy = sys.modules.get("numpy")
-    if numpy is not None and type(first) is numpy.ndarray and not first.dtype.hasobject:
-        shape, dtype = first.shape, first.dtype
-        for value in values:
-            if type(value) is not numpy.ndarray or value.shape != shape or value.dtype != dtype:
-                return None
-        return "numpy", numpy.stack(values)
-    torch = sys.modules.get("torch")
-    if torch is not None and type(first) is torch.Tensor and _plain_tensor(first):
-        shape, dtype = first.shape, first.dtype
-        for value in values:
-            if type(value) is not torch.Tensor or value.shape != shape or value.dtype != dtype:
-                return None
-            if not _plain_tensor(value):
-                return None
-        return "torch", torch.stack(values)
-    return None
+def _signed(data: bytes) -> bytes:
+    return b"".join((_SIGNED, signing.sign(data), data))
 
 
-def _plain_tensor(tensor: Any) -> bool:
-    """A dense CPU tensor without autograd state: stacking it loses nothing."""
-    return bool(
-        tensor.device.type == "cpu"
-        and not tensor.requires_grad
-        and tensor.layout is sys.modules["torch"].strided
-        and not tensor.is_quantized
-    )
+def _pickle_in(blob: bytes, *, trusted: bool) -> bytes | memoryview:
+    """The pickle a blob holds, once its signature is checked (unless ``trusted``)."""
+    kind = blob[:1]
+    if kind == _SIGNED:
+        end = 1 + signing.SIGNATURE_SIZE
+        data = memoryview(blob)[end:]
+        reason = None if trusted else signing.check(blob[1:end], data)
+        if reason is not None:
+            raise NotTrusted(f"it is a pickle and {reason}")
+        return data
+    if kind == _BARE_PICKLE:
+        if not trusted:
+            raise NotTrusted(
+                "it is a pickle without a signature (as checkpoint format 1 stored every "
+                "value, before signatures), so nothing shows who wrote it"
+            )
+        return blob
+    raise ValueError(f"unknown kind of stored value {kind!r}")
 
 
-def encode_error(exc: BaseException, tb_text: str) -> tuple[bytes | None, str]:
-    """(pickled exception or None, traceback text) of a failed item.
+def encode_error(exc: BaseException, tb_text: str) -> tuple[bytes, str]:
+    """(blob, traceback text) of a failed item (the blob: see the module docstring).
 
     The exception is kept only if it also unpickles: a class whose ``__init__`` takes other
     arguments than its ``args`` pickles fine and then fails to load, years later.
     """
     text = tb_text or "".join(traceback.format_exception_only(type(exc), exc))
+    pickled = None
     try:
-        blob = dumps(exc)
-        pickle.loads(blob)
+        data = dumps(exc)
+        pickle.loads(data)
+        pickled = _signed(data)
+    except CheckpointError as problem:  # no secret to sign with: kept as text only
+        if not _warned:
+            _warned.append(True)
+            logger.warning("exceptions of failed items are stored as text only: %s", problem)
     except Exception:
-        return None, text
-    return blob, text
+        pass
+    kind = type(exc)
+    record = (f"{kind.__module__}.{kind.__qualname__}", _text(repr, exc.args), _text(str, exc))
+    return tagged.encode((*record, pickled), _SAFE), text
 
 
-def decode_error(blob: bytes | None, text: str) -> BaseException:
-    """The stored exception; a ``CheckpointedError`` carrying its text if it cannot be rebuilt."""
-    if blob is not None:
-        try:
-            exc = pickle.loads(blob)
-        except Exception:
-            exc = None
-        if isinstance(exc, BaseException):
-            return exc
-    last_line = text.strip().splitlines()[-1] if text.strip() else "unknown error"
-    return CheckpointedError(f"{last_line} (failed in an earlier run, from the checkpoint)", text)
+def _text(show: Any, value: Any) -> str:
+    try:
+        shown = str(show(value))
+    except Exception as exc:  # a __repr__ or __str__ that raises
+        shown = f"<{type(exc).__name__} in {show.__name__}()>"
+    return shown if len(shown) <= _TEXT_LIMIT else shown[:_TEXT_LIMIT] + "..."
+
+
+def decode_error(blob: bytes | None, text: str, *, trusted: bool) -> BaseException:
+    """The stored exception when it can be rebuilt from a pickle this user signed (or any,
+    ``trusted``); otherwise a ``CheckpointedError`` carrying its text. Never raises."""
+    pickled, summary, note = blob, "", ""
+    try:
+        if blob is not None and blob[:1] == _SAFE:
+            name, _, message, pickled = tagged.decode(blob, 1)
+            summary = f"{name.rpartition('.')[2]}: {message}" if message else name
+        if pickled is not None:
+            exc = pickle.loads(_pickle_in(pickled, trusted=trusted))
+            if isinstance(exc, BaseException):
+                return exc
+    except NotTrusted as refused:
+        note = f"; not rebuilt as its own type: {refused}; Checkpoint(..., trusted=True) does"
+    except Exception:  # its class is gone, or the record is damaged: the text still tells
+        pass
+    last_line = text.strip().splitlines()[-1] if text.strip() else summary or "unknown error"
+    return CheckpointedError(
+        f"{last_line} (failed in an earlier run, from the checkpoint{note})", text
+    )

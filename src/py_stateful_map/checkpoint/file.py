@@ -9,9 +9,10 @@ format version in ``PRAGMA user_version``::
     results(key PRIMARY KEY, n, status, inputs, value, error)
         position keys: a row holds ``n`` consecutive items from input position ``key``
         custom keys (``key=callable``): a row holds one item; ``key`` is int, str or bytes
-        status 'done':   value = pickle of the list of the row's values
-        status 'failed': n = 1; value = the pickled exception (NULL if it cannot be rebuilt),
-                         error = the worker's traceback text
+        status 'done':   value = the row's values (``checkpoint.codec``: in a format that runs
+                         no code when read, or a pickle signed by the user who wrote it)
+        status 'failed': n = 1; value = the exception's type name, args and text, and its
+                         signed pickle if it can be rebuilt; error = the worker's traceback text
         inputs: 8 bytes per item (``checkpoint.codec.fingerprints``), or NULL when not kept
 
 One run at a time writes a checkpoint: ``flock`` on a sidecar ``<file>-lock`` that the holder
@@ -40,7 +41,10 @@ from typing import Any
 
 from py_stateful_map.errors import CheckpointError, CheckpointMismatchError
 
-FORMAT = 1
+FORMAT = 2
+#: Format 1 stored every value as a bare pickle: it is read only with ``trusted=True`` (and
+#: stays format 1 when a trusted run adds to it), since nothing shows who wrote its pickles.
+UNSIGNED_FORMAT = 1
 APPLICATION_ID = 0x50534D43  # "PSMC"
 #: Larger than SQLite's 4 KiB: a row is a segment of many results (or an embedding matrix),
 #: and a WAL frame per page is one write() on every commit.
@@ -170,8 +174,11 @@ def _same_file(fd: int, path: str) -> bool:
 # -- opening --------------------------------------------------------------------------------
 
 
-def connect(path: str, *, readonly: bool) -> tuple[sqlite3.Connection, bool]:
-    """Open and check the file; also say whether it is new (no schema yet: see create_schema)."""
+def connect(path: str, *, readonly: bool, trusted: bool) -> tuple[sqlite3.Connection, bool]:
+    """Open and check the file; also say whether it is new (no schema yet: see create_schema).
+
+    ``trusted``: the caller may load any pickle the file holds (or reads no values at all).
+    """
     if readonly and not Path(path).exists():
         raise CheckpointError(f"{describe(path)} does not exist", path)
     _check_header(path)
@@ -185,7 +192,7 @@ def connect(path: str, *, readonly: bool) -> tuple[sqlite3.Connection, bool]:
     except sqlite3.Error as exc:
         raise CheckpointError(f"cannot open {describe(path)}: {exc}", path) from exc
     try:
-        return conn, _prepare(conn, path, readonly=readonly)
+        return conn, _prepare(conn, path, readonly=readonly, trusted=trusted)
     except BaseException:
         conn.close()
         raise
@@ -229,7 +236,7 @@ def _check_header(path: str) -> None:
         )
 
 
-def _prepare(conn: sqlite3.Connection, path: str, *, readonly: bool) -> bool:
+def _prepare(conn: sqlite3.Connection, path: str, *, readonly: bool, trusted: bool) -> bool:
     try:
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
         application_id = conn.execute("PRAGMA application_id").fetchone()[0]
@@ -247,7 +254,15 @@ def _prepare(conn: sqlite3.Connection, path: str, *, readonly: bool) -> bool:
                 path,
             )
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version != FORMAT:
+        if version == UNSIGNED_FORMAT and not trusted:
+            raise CheckpointError(
+                f"{describe(path)} has format {version}, written by an earlier version of "
+                "py_stateful_map: its results are pickles without a signature, and loading a "
+                "pickle runs whatever code it names. If you wrote this file, read it with "
+                "Checkpoint(path, trusted=True); otherwise move it away to start over.",
+                path,
+            )
+        if version not in (FORMAT, UNSIGNED_FORMAT):
             raise CheckpointError(
                 f"{describe(path)} has format {version}; this version of py_stateful_map "
                 f"reads format {FORMAT}",

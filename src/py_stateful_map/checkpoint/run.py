@@ -44,6 +44,7 @@ from py_stateful_map.wire.messages import ItemError
 
 from .codec import (
     FINGERPRINT_SIZE,
+    NotTrusted,
     decode_error,
     decode_values,
     encode_error,
@@ -90,7 +91,7 @@ Span = Stored | ToRun
 
 
 class _Row:
-    """One stored row; its values are unpickled on first use."""
+    """One stored row; its values are decoded on first use."""
 
     __slots__ = ("_blob", "_values", "error", "failed", "inputs", "key", "n")
 
@@ -101,20 +102,32 @@ class _Row:
         if reuse is not None:  # the same row, read by the previous window: blob not re-read
             self._blob, self._values = reuse._blob, reuse._values
 
-    def values(self, path: str) -> list[Any]:
+    def values(self, path: str, trusted: bool) -> list[Any]:
         if self._values is None:
-            self._values = read_values(path, self.key, self.n, self._blob)
+            self._values = read_values(path, self.key, self.n, self._blob, trusted=trusted)
             self._blob = None
         return self._values
 
-    def error_at(self) -> ItemError:
-        return (0, decode_error(self._blob, self.error or ""), self.error or "")
+    def error_at(self, trusted: bool) -> ItemError:
+        text = self.error or ""
+        return (0, decode_error(self._blob, text, trusted=trusted), text)
 
 
-def read_values(path: str, key: Any, n: int, blob: bytes) -> list[Any]:
+def read_values(path: str, key: Any, n: int, blob: bytes, *, trusted: bool) -> list[Any]:
     """The values of a stored row, or an error naming its items and the file."""
     try:
-        return decode_values(blob)
+        values = decode_values(blob, trusted=trusted)
+    except NotTrusted as exc:  # nothing was unpickled
+        last = f" to {key + n - 1}" if n > 1 else ""
+        raise CheckpointError(
+            f"refusing to load the stored result of item {key!r}{last} in {describe(path)}: "
+            f"{exc}. Loading a pickle can run any code: this file was not written by this "
+            "user on this machine, or it was altered since. If you trust it, read it with "
+            "Checkpoint(path, trusted=True).",
+            path,
+        ) from None
+    except CheckpointError:  # this user's secret cannot be read: the message says why
+        raise
     except Exception as exc:  # damaged bytes, or the class of a value is gone
         last = f" to {key + n - 1}" if n > 1 else ""
         raise CheckpointError(
@@ -122,6 +135,13 @@ def read_values(path: str, key: Any, n: int, blob: bytes) -> list[Any]:
             f"{type(exc).__name__}: {exc}",
             path,
         ) from exc
+    if len(values) != n:
+        raise CheckpointError(
+            f"{describe(path)} is damaged: the row of item {key!r} holds {len(values)} values "
+            f"for {n} items",
+            path,
+        )
+    return values
 
 
 class CheckpointRun:
@@ -140,6 +160,7 @@ class CheckpointRun:
         retry_failed: bool,
         verify_inputs: bool,
         stored_end: int,
+        trusted: bool = False,
     ) -> None:
         self._conn = conn
         self._lock = lock
@@ -151,6 +172,7 @@ class CheckpointRun:
             conn.execute(_SEEN_TABLE)
         self._retry_failed = retry_failed
         self._verify = verify_inputs
+        self._trusted = trusted  # load pickles not signed by this user (Checkpoint's Trust)
         #: Positions at or past this held nothing when the run opened (custom keys: 0 = empty).
         self.stored_end = stored_end
         self._last: _Row | None = None
@@ -197,9 +219,9 @@ class CheckpointRun:
                 continue
             self._check_inputs(row, low, builder.items[low - start : high - start])
             if row.failed:
-                builder.stored(low, [None], [row.error_at()])
+                builder.stored(low, [None], [row.error_at(self._trusted)])
             else:
-                values = row.values(self.path)
+                values = row.values(self.path, self._trusted)
                 builder.stored(low, values[low - row.key : high - row.key], None)
 
     def _rows_between(self, start: int, stop: int) -> list[_Row]:
@@ -236,9 +258,9 @@ class CheckpointRun:
             got = prints[offset * size : (offset + 1) * size]
             self._check_inputs(row, position, items[offset : offset + 1], key=key, got=got)
             if row.failed:
-                builder.stored(position, [None], [row.error_at()])
+                builder.stored(position, [None], [row.error_at(self._trusted)])
             else:
-                builder.stored(position, row.values(self.path), None)
+                builder.stored(position, row.values(self.path, self._trusted), None)
 
     def _rows_for(self, keys: list[Any]) -> dict[Any, _Row]:
         wanted = list(dict.fromkeys(keys))
