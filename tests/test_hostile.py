@@ -258,7 +258,8 @@ def test_recycled_workers_with_lingering_threads_exit() -> None:
             if "py_stateful_map" in " ".join(p.cmdline())
             or p.pid in {s["pid"] for s in pool.stats().workers}
         ]
-        assert len(workers) <= 3, f"{len(workers)} worker processes alive for 2 slots"
+        # one worker per slot, the keeper above it (see backends.process_tree), the forkserver
+        assert len(workers) <= 2 * 2 + 1, f"{len(workers)} worker processes alive for 2 slots"
         started = time.monotonic()
     assert time.monotonic() - started < 3.0
 
