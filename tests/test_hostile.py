@@ -293,6 +293,79 @@ def test_forked_child_exiting_leaves_the_parents_pool_alone(tmp_path: Path) -> N
     assert proc.returncode == 0, err
 
 
+# -- 9b. a child forked from a parent that used a pool can have pools of its own ------------
+
+
+@pytest.mark.timeout(120)
+def test_a_child_forked_after_a_pool_can_start_pools_of_its_own(tmp_path: Path) -> None:
+    """Issue 22 item 13: the child inherited the parent's forkserver and could not use it
+    (``ChildProcessError`` from multiprocessing's ``ensure_running``)."""
+    proc = start_script(
+        tmp_path,
+        """
+        import multiprocessing, multiprocessing.forkserver, os, sys
+        from py_stateful_map import StateFullWorkerPool
+        from tests.hostile import pid_of
+
+        def forkserver_pid():
+            return multiprocessing.forkserver._forkserver._forkserver_pid
+
+        def child_pools():
+            for start_method in ("forkserver", "spawn"):
+                with StateFullWorkerPool(2, pid_of, start_method=start_method) as pool:
+                    pids = {r.ret_val for r in pool.map(range(8))}
+                print("CHILD", start_method, os.getpid() not in pids, forkserver_pid(), flush=True)
+
+        if __name__ == "__main__":
+            with StateFullWorkerPool(2, pid_of) as pool:
+                before = {r.ret_val for r in pool.map(range(8))}
+                print("PARENT", forkserver_pid(), flush=True)
+                child = multiprocessing.get_context("fork").Process(target=child_pools)
+                child.start()
+                child.join(60)
+                print("EXIT", child.exitcode, flush=True)
+                print("SAME", {r.ret_val for r in pool.map(range(8))} == before, flush=True)
+            with StateFullWorkerPool(2, pid_of) as pool:  # the parent's forkserver still serves
+                print("AGAIN", len({r.ret_val for r in pool.map(range(8))}) > 0, flush=True)
+            pid = os.fork()  # a bare fork, not multiprocessing's
+            if pid == 0:
+                child_pools()
+                sys.stdout.flush()
+                os._exit(0)
+            print("BARE", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+        """,
+    )
+    out, err = proc.communicate(timeout=100)
+    lines = [line.split() for line in out.splitlines()]
+    assert proc.returncode == 0, err
+    parent_server = lines[0][1]
+    assert [line[:3] for line in lines if line[0] == "CHILD"] == [
+        ["CHILD", "forkserver", "True"],
+        ["CHILD", "spawn", "True"],
+    ] * 2, err
+    child_servers = {line[3] for line in lines if line[0] == "CHILD"}
+    assert parent_server not in child_servers  # each child started a forkserver of its own
+    assert ["EXIT", "0"] in lines and ["SAME", "True"] in lines and ["AGAIN", "True"] in lines
+    assert ["BARE", "0"] in lines, err
+    gone = [pid for pid in child_servers if hostile_pid_alive(int(pid))]
+    assert gone == [], "a child's forkserver outlived it"
+
+
+def hostile_pid_alive(pid: int, seconds: float = 5.0) -> bool:
+    """Whether ``pid`` is still alive (not a zombie) after ``seconds``."""
+    import psutil
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 # -- 12. exceptions from thread and inline workers carry no frames --------------------------
 
 

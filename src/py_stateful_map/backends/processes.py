@@ -28,6 +28,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import multiprocessing.util
 import os
 import select
@@ -105,6 +106,7 @@ class ProcessBackend:
         self._ctx: Any = multiprocessing.get_context(start_method)
         self._start_method = start_method
         if start_method == "forkserver":
+            _forget_a_forkserver_inherited_by_fork()
             self._ctx.set_forkserver_preload(_preload_modules(specs))
         hint = "; install cloudpickle, or use backend='threads'"
         pickled = pickle_specs(specs, dumps_for_process_start, "a worker process", hint)
@@ -421,6 +423,37 @@ def _wait_for_exit(
         if remaining is not None and remaining <= 0:
             return
         _poll(poller, None if remaining is None else max(1, int(remaining * 1000)))
+
+
+def _forget_a_forkserver_inherited_by_fork() -> None:
+    """Let this process start a forkserver of its own if the one it knows is not its child.
+
+    multiprocessing keeps one forkserver per process in a module global, which a child forked
+    from its owner (a ``fork`` Process, a bare ``os.fork()``) inherits. ``ensure_running``
+    asks ``os.waitpid`` whether that server still runs — the check bpo-31308 (cpython#75489)
+    added, which holds only in the process that started it — and in the child it raises
+    ``ChildProcessError``: no pool could start there (no CPython issue found for this case;
+    cpython#86354 is its sibling, children that do not reuse their parent's server). A server
+    that is not our child is forgotten, and our copy of its "alive" pipe closed so that it
+    still ends with its owner; one that is ours but has died is forgotten as ``ensure_running``
+    would have (we just reaped it). multiprocessing starts a fresh one for the next worker.
+    """
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    if server is None or pid is None:
+        return
+    with server._lock:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                return  # our own, running
+        except ChildProcessError:
+            pass  # the parent's, inherited by fork
+        if server._forkserver_alive_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(server._forkserver_alive_fd)
+        server._forkserver_address = None
+        server._forkserver_alive_fd = None
+        server._forkserver_pid = None
 
 
 #: Heavy libraries worth importing once in the forkserver rather than once per worker, when
