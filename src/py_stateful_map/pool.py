@@ -245,10 +245,15 @@ class StateFullWorkerPool(Generic[T]):
     ) -> MapResult[Any]:
         """The workers' return values in input order, as ``multiprocessing.Pool.imap`` gives.
 
-        An item's exception is raised here (its worker traceback as ``__cause__``), at once
-        under ``IMMEDIATE``, after the running items under ``IMMEDIATE_WAIT_OTHERS``. Same
-        laziness, ``len()``, progress and fault handling as :meth:`map`, without building a
-        wrapper per item.
+        An item's exception is raised here (its worker traceback as ``__cause__``) at its
+        place, as ``Pool.imap`` and ``concurrent.futures.Executor.map`` do: every value before
+        the failing position is yielded first, then the exception of the first failing
+        position is raised (even if a later item's error arrived earlier). Meanwhile no more
+        input is read and nothing past the failing item is sent; under ``IMMEDIATE`` it is
+        raised as soon as the values before it are out, under ``IMMEDIATE_WAIT_OTHERS`` once
+        the items still running have finished too. With a checkpoint, the results committed
+        before the raise stay committed. Same laziness, ``len()``, progress and fault handling
+        as :meth:`map`, without building a wrapper per item.
 
         >>> with StateFullWorkerPool(2, abs, backend="threads") as pool:
         ...     list(pool.imap([-1, -2, 3]))
@@ -259,7 +264,12 @@ class StateFullWorkerPool(Generic[T]):
     def imap_unordered(
         self, input_iterable: Iterable[Any], checkpoint: CheckpointOption = None
     ) -> MapResult[Any]:
-        """Like :meth:`imap`, in the order items finish."""
+        """Like :meth:`imap`, in the order items finish.
+
+        An item's exception is raised as soon as it arrives (``IMMEDIATE``), or once the items
+        still running have finished (``IMMEDIATE_WAIT_OTHERS``); values that arrived before it
+        were yielded, others are not waited for.
+        """
         return self._start_map(input_iterable, ordered=False, values=True, checkpoint=checkpoint)
 
     def _start_map(

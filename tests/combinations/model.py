@@ -172,9 +172,6 @@ ITEM_5_BUSY = (
     "issue 22 item 5: leaving the second stage by an exception leaves the first pool "
     "PoolBusyError (until a garbage collection)"
 )
-ITEM_10 = (
-    "issue 22 item 10: ordered imap raises before yielding every value before the failing position"
-)
 
 
 def KNOWN_BROKEN(config: Config, plan: Plan) -> str | None:
@@ -197,8 +194,6 @@ def KNOWN_BROKEN(config: Config, plan: Plan) -> str | None:
         length_failures = [i for i in fails if plan.kinds[i] in (W.LEN_FAIL, *W.BAD_LENGTHS)]
         if pool.length_aware and (length_failures or kinds_that_fail_in_worker(config, plan)):
             return ITEM_1_LENGTH
-    if config.values_api and config.ordered and pool.mode in RAISING_MODES and fails:
-        return ITEM_10
     if config.chained and pool.mode in RAISING_MODES and fails:
         return ITEM_5_BUSY
     return None

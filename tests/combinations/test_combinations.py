@@ -218,10 +218,9 @@ def test_issue_22_item_7_bad_costs_and_batch_size_true() -> None:
     assert_scenarios_pass("bad_costs_fail_only_their_item", "batch_size_true_is_refused")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=M.ITEM_10)
 def test_issue_22_item_10_ordered_imap_yields_every_value_before_the_failure() -> None:
-    """Ordered imap, item 1 slow, item 2 fails: it must yield items 0 and 1, then raise
-    item 2's error (IMMEDIATE and IMMEDIATE_WAIT_OTHERS); it raises after item 0 only."""
+    """Fixed: ordered imap, item 1 slow, item 2 fails: it yields items 0 and 1, then raises
+    item 2's error (IMMEDIATE and IMMEDIATE_WAIT_OTHERS); it raised after item 0 only."""
     assert_scenarios_pass("ordered_imap_immediate", "ordered_imap_wait_others")
 
 

@@ -12,11 +12,16 @@ Data flow::
   them strictly in input order. A slow item holds back only what comes after it, and only up
   to the window: other workers keep going meanwhile (no barrier per chunk).
 - *Exception policy* is applied where completions arrive, so IMMEDIATE raises the moment the
-  error reaches the parent, whatever the ordering mode.
+  error reaches the parent, whatever the ordering mode — except for ordered bare values
+  (``imap``), which raise an item's error *at its place*, as ``multiprocessing.Pool.imap`` and
+  ``concurrent.futures.Executor.map`` do: the error is held until every value before it was
+  handed over (``HeldError``). While it is held nothing more is read, and nothing past it is
+  sent; IMMEDIATE then raises at once, IMMEDIATE_WAIT_OTHERS once what runs has finished.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from itertools import chain, repeat
@@ -34,7 +39,7 @@ from .intake import Intake
 from .ledger import Ledger
 from .length_batching import LengthBatching
 from .length_chunks import LengthChunker
-from .planning import LengthPlanner, Planner, SizedPlanner
+from .planning import LengthPlanner, Planner, SizedPlanner, cut
 from .slots import Chunk, Completion
 
 
@@ -45,6 +50,13 @@ class Outcomes(NamedTuple):
     values: list[Any]
     errors: list[ItemError] | None
     stored: bool  # replayed from a checkpoint
+
+
+class HeldError(NamedTuple):
+    """Ordered ``imap``: the error of the first failing input position, raised at its turn."""
+
+    position: int
+    error: BaseException
 
 
 class MapRun:
@@ -95,7 +107,9 @@ class MapRun:
         self._input_error: BaseException | None = None
         self._pending: dict[int, Outcomes] = {}
         self._ready: deque[Outcomes] = deque()
-        self._failure: BaseException | None = None  # IMMEDIATE_WAIT_OTHERS: raise when idle
+        self._failure: BaseException | None = None  # to raise (WAIT_OTHERS: once idle)
+        self._errors_in_order = False  # ordered bare values: an error waits for its turn
+        self._held: HeldError | None = None  # that error, until its turn comes
         self._intake = Intake(None)
         self._open_checkpoint = open_checkpoint
 
@@ -115,8 +129,10 @@ class MapRun:
         """Like :meth:`batches`, bare values: no wrapper is built on this path.
 
         Only for exception behaviours that raise (an error never reaches the caller as a
-        value: ``_accept`` raises or holds it before anything is released).
+        value: ``_accept`` raises or holds it before anything is released). In order, an
+        item's error is raised at its place: every value before it is yielded first.
         """
+        self._errors_in_order = self._ordered
         for _, values, _, _ in self._outcomes():
             yield values
 
@@ -150,10 +166,16 @@ class MapRun:
                 outcomes = ready.popleft()
                 self.ledger.handed_over(len(outcomes.values))
                 yield outcomes
-            if not self.ledger.in_progress and (self._input_done or self._failure is not None):
+            if self._failure is not None:
+                # Only a held error's turn sets it under IMMEDIATE (others raise on arrival).
+                if self._behavior is ExceptionBehavior.IMMEDIATE or not self.ledger.in_progress:
+                    break
+            elif not self.ledger.in_progress and self.input_done:
                 break
         if self._failure is not None:
             raise self._failure
+        if self._held is not None:  # everything before it settled, so its turn must have come
+            raise AssertionError(f"the items before a held error never came: {self.ledger}")
         if self._input_error is not None:
             raise self._input_error
 
@@ -162,9 +184,11 @@ class MapRun:
         prefetched = self._failure is None and self._fill()
         if self._failure is not None:  # e.g. a failing length_fn, found while planning
             self._wait_only_for_running()
+            if self._behavior is ExceptionBehavior.IMMEDIATE:
+                return  # a held error's turn came: it is raised now, nothing is waited for
         # Wait whenever items are out, or input is awaited (from a feeder thread, or for a
         # worker that is restarting): never spin, never wait when nothing can happen.
-        if self.ledger.in_progress or not (self._input_done or self._failure is not None):
+        if self.ledger.in_progress or not (self.input_done or self._failure is not None):
             quick = self._ready or prefetched
             completions = self._dispatcher.poll(0.0 if quick else None)
             for completion in completions:
@@ -198,7 +222,7 @@ class MapRun:
         went unseen and its worker, free, was passed over for the next chunks.
         """
         dispatcher = self._dispatcher
-        while True:
+        while self._failure is None:  # e.g. an error settled while reading: send nothing more
             # Re-runs first (a chunk split by a death or a pickling error lands there, even
             # from the submit just below), then new input while workers and window have room.
             dispatcher.submit_retries()
@@ -216,18 +240,22 @@ class MapRun:
             self._planner.sent(chunk, dispatcher.submit(slot, chunk))
             if len(slot.in_flight) > 1:
                 return True
+        return False
 
     # -- read and intake (what the planner reads through) ---------------------------------
 
     @property
     def input_done(self) -> bool:
-        return self._input_done
+        """Nothing more will be read: the input ended, or a held error needs nothing after it."""
+        return self._input_done or self._held is not None
 
     @property
     def replaying(self) -> bool:
         return self._intake.checkpoint is not None
 
     def room(self) -> int:
+        if self._held is not None:
+            return 0
         return self._planner.read_ahead_limit - self.ledger.read_ahead
 
     def unread(self) -> int | None:
@@ -265,6 +293,8 @@ class MapRun:
         )
         for completion in settled:
             self.settle(completion)
+        if self._held is not None:  # settled just now: what comes after it is not needed
+            chunks = self._before_held(chunks)
         return chunks
 
     # -- accept: reorder and the exception policy -----------------------------------------
@@ -282,11 +312,15 @@ class MapRun:
         self._sizer.observe_bytes(len(chunk.items), completion.payload_bytes)
         if errors:
             self._attach_tracebacks(errors)
-            if self._behavior is ExceptionBehavior.IMMEDIATE:
+            if self._behavior is ExceptionBehavior.DEFERRED:
+                pass
+            elif self._errors_in_order:
+                self._hold(chunk, errors)  # the values before it are released below
+            elif self._behavior is ExceptionBehavior.IMMEDIATE:
                 if checkpoint is not None:
                     checkpoint.flush()
                 raise errors[0][1]
-            if self._behavior is ExceptionBehavior.IMMEDIATE_WAIT_OTHERS:
+            else:  # IMMEDIATE_WAIT_OTHERS
                 if self._failure is None:
                     self._failure = errors[0][1]
                 return
@@ -294,17 +328,53 @@ class MapRun:
             return  # nobody will read results after the pending exception
         self._release(Outcomes(chunk.where, values, errors, completion.stored), chunk)
 
+    def _hold(self, chunk: Chunk, errors: list[ItemError]) -> None:
+        """Ordered ``imap``: keep the first failing position's error until its turn.
+
+        Nothing past it is needed any more: what waits to be sent after it is dropped (a
+        length-aware window cannot drop part of itself and is sent), and nothing is read.
+        """
+        where = chunk.where
+        offset, error = min(((offset, exc) for offset, exc, _ in errors), key=lambda e: where[e[0]])
+        position = where[offset]
+        if self._held is not None and self._held.position < position:
+            return
+        self._held = HeldError(position, error)
+        self.ledger.drop_waiting(self._planner.cut_waiting(self._before_held_count))
+
+    def _before_held(self, chunks: list[Chunk]) -> list[Chunk]:
+        """``chunks`` without their items past the held error's position."""
+        kept, cut_off = cut(chunks, self._before_held_count)
+        self.ledger.drop_waiting(cut_off)
+        return kept
+
+    def _before_held_count(self, chunk: Chunk) -> int:
+        """How many of the (waiting) chunk's items come before the held error."""
+        assert self._held is not None
+        return bisect_left(chunk.where, self._held.position)  # its positions ascend
+
     def _release(self, entry: Outcomes, chunk: Chunk) -> None:
-        """Unordered: ready at once. Ordered: ready once everything before it is."""
+        """Unordered: ready at once. Ordered: ready once everything before it is.
+
+        With a held error (ordered ``imap``), only what comes before its position is released,
+        and when everything before it is out, its turn has come: it is the map's failure.
+        """
         if not self._ordered:
             self._ready.append(entry)
             return
         pending = self._pending
+        held = self._held
         if chunk.positions is None:
-            pending[chunk.start] = entry
+            if held is not None and held.position < chunk.start + len(entry.values):
+                keep = max(0, held.position - chunk.start)  # its errors are all cut off
+                entry = Outcomes(entry.where[:keep], entry.values[:keep], None, entry.stored)
+            if entry.values:
+                pending[chunk.start] = entry
         else:  # a planned batch: its items wait for their own turns
             failed = {offset: (exc, text) for offset, exc, text in entry.errors or ()}
             for offset, position in enumerate(chunk.positions):
+                if held is not None and position >= held.position:
+                    continue
                 error = failed.get(offset)
                 item_errors: list[ItemError] | None = None
                 if error is not None:
@@ -316,6 +386,8 @@ class MapRun:
             released = pending.pop(self._next_release)
             self._next_release += len(released.values)
             self._ready.append(released)
+        if held is not None and self._next_release == held.position:
+            self._failure = held.error
 
     @staticmethod
     def _attach_tracebacks(errors: list[ItemError]) -> None:

@@ -11,13 +11,14 @@ Both read through the map (:class:`Reading`), which applies the one read-ahead b
 (:attr:`Planner.read_ahead_limit`: what the planner holds to plan, plus four chunks per
 worker) and settles what needs no worker (``core.intake``). What a planner holds is *waiting*
 in the map's ledger (``core.ledger``) until it is sent; :meth:`Planner.drop_waiting` forgets
-it when an error is pending.
+it when an error is pending, :meth:`Planner.cut_waiting` what lies past an error that
+ordered ``imap`` holds for its turn.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from py_stateful_map.wire.serialization import pickled_size
@@ -91,9 +92,28 @@ class Planner(Protocol):
         """Forget every item read and not sent; returns how many."""
         ...
 
+    def cut_waiting(self, keep: Callable[[Chunk], int]) -> int:
+        """Keep the first ``keep(chunk)`` items of each chunk waiting to be sent, forget the
+        rest; returns how many were forgotten."""
+        ...
+
     def shrink_budget(self) -> None:
         """A worker halved a batch for memory."""
         ...
+
+
+def cut(chunks: Iterable[Chunk], keep: Callable[[Chunk], int]) -> tuple[list[Chunk], int]:
+    """The first ``keep(chunk)`` items of each of ``chunks``, and how many were cut off."""
+    kept: list[Chunk] = []
+    cut_off = 0
+    for chunk in chunks:
+        count = keep(chunk)
+        cut_off += len(chunk.items) - count
+        if count == len(chunk.items):
+            kept.append(chunk)
+        elif count:
+            kept.append(chunk.part(chunk.chunk_id, 0, count))
+    return kept, cut_off
 
 
 class SizedPlanner:
@@ -133,6 +153,12 @@ class SizedPlanner:
         dropped = sum(len(chunk.items) for chunk in self._unsent)
         self._unsent.clear()
         return dropped
+
+    def cut_waiting(self, keep: Callable[[Chunk], int]) -> int:
+        kept, cut_off = cut(self._unsent, keep)
+        self._unsent.clear()  # in place: a read in progress extends this deque
+        self._unsent.extend(kept)
+        return cut_off
 
     def shrink_budget(self) -> None:
         """Chunks are sized by time, not by a token budget: nothing to shrink."""
@@ -216,6 +242,10 @@ class LengthPlanner:
 
     def drop_waiting(self) -> int:
         return self._chunker.drop_all()
+
+    def cut_waiting(self, keep: Callable[[Chunk], int]) -> int:
+        """A sort window is not cut: what it holds is sent (it is bounded by the window)."""
+        return 0
 
     def shrink_budget(self) -> None:
         self._chunker.shrink_budget()
