@@ -114,6 +114,7 @@ class Expected:
     error_type: type[BaseException] | None = None
     message: str | None = None  # the exact str() of the error, where it is ours
     check_obj_id: bool = False  # the error carries the item's obj_id
+    names_item: bool = False  # the error's message names the item ("item <index>")
 
     @property
     def fails(self) -> bool:
@@ -130,11 +131,11 @@ def expected(config: Config, kind: str, index: int) -> Expected:
     if kind == W.BASE_RAISE:
         return Expected(index, error_type=W.ItemBaseFailure, message=W.error_message(index))
     if kind == W.UNPICKLABLE and pool.processes:
-        return Expected(index, error_type=SerializationError)
+        return Expected(index, error_type=SerializationError, names_item=True)
     if kind == W.EXIT and pool.processes:
-        return Expected(index, error_type=WorkerDiedError, check_obj_id=True)
+        return Expected(index, error_type=WorkerDiedError, check_obj_id=True, names_item=True)
     if pool.length_aware and kind in (W.LEN_FAIL, *W.BAD_LENGTHS):
-        return Expected(index, error_type=ItemCostError, check_obj_id=True)
+        return Expected(index, error_type=ItemCostError, check_obj_id=True, names_item=True)
     return Expected(index, value=W.value_of(index))
 
 
@@ -147,30 +148,11 @@ def failing(config: Config, plan: Plan) -> list[int]:
     return [e.index for e in expectations(config, plan) if e.fails]
 
 
-def kinds_that_fail_in_worker(config: Config, plan: Plan) -> list[str]:
-    """Kinds of the failing items whose failure comes from a worker (not length_fn, stage 1)."""
-    out = []
-    for e, kind in zip(expectations(config, plan), plan.kinds, strict=True):
-        if e.fails and kind in (W.RAISE, W.BASE_RAISE, W.UNPICKLABLE, W.EXIT):
-            out.append(kind)
-    return out
-
-
 # -- known open bugs ------------------------------------------------------------------------
 
-ITEM_1 = "issue 22 item 1: IMMEDIATE_WAIT_OTHERS hangs once an item fails while read items wait"
-ITEM_1_CHECKPOINT = ITEM_1 + " (with a checkpoint)"
-ITEM_1_LENGTH = ITEM_1 + " (length-aware batching, a failing worker or length_fn)"
-ITEM_5_POSITIONS = (
-    "issue 22 item 5: a chained map after an unordered first stage loses raw positions"
-)
-ITEM_5_MARKER = (
-    "issue 22 item 5: an item failed in the first stage reaches Checkpoint(key=...) as an "
-    "internal marker tuple"
-)
-ITEM_5_BUSY = (
-    "issue 22 item 5: leaving the second stage by an exception leaves the first pool "
-    "PoolBusyError (until a garbage collection)"
+UNDOCUMENTED_BATCH_BLAME = (
+    "undocumented: an unpicklable result in a length-aware batch is reported as another "
+    "item's (SerializationError: 'the result of item <another position>')"
 )
 
 
@@ -183,19 +165,8 @@ def KNOWN_BROKEN(config: Config, plan: Plan) -> str | None:
     then covers the combination again (and the regression test XPASSes, which fails).
     """
     pool = config.pool
-    fails = failing(config, plan)
-    if config.chained and not config.stage1_ordered:
-        return ITEM_5_POSITIONS
-    if config.chained and config.checkpoint == "key" and W.S1_RAISE in plan.kinds:
-        return ITEM_5_MARKER
-    if pool.mode is WAIT_OTHERS and fails:
-        if config.checkpoint is not None:
-            return ITEM_1_CHECKPOINT
-        length_failures = [i for i in fails if plan.kinds[i] in (W.LEN_FAIL, *W.BAD_LENGTHS)]
-        if pool.length_aware and (length_failures or kinds_that_fail_in_worker(config, plan)):
-            return ITEM_1_LENGTH
-    if config.chained and pool.mode in RAISING_MODES and fails:
-        return ITEM_5_BUSY
+    if pool.length_aware and pool.processes and W.UNPICKLABLE in plan.kinds:
+        return UNDOCUMENTED_BATCH_BLAME
     return None
 
 

@@ -23,7 +23,9 @@ from py_stateful_map import (
     DevicePool,
     ExceptionBehavior,
     PoolBusyError,
+    SerializationError,
     StateFullWorkerPool,
+    WorkerDiedError,
 )
 from py_stateful_map.core.length_batching import ItemCostError
 
@@ -172,6 +174,69 @@ def chained_raise_frees_the_first_stage() -> None:
         assert got == [W.make_item(7)], got
 
 
+def chained_break_after_a_cost_error_frees_the_first_stage() -> None:
+    first = StateFullWorkerPool(2, W.stage1, exception_behavior=DEFERRED, backend="threads")
+    second = DevicePool(
+        W.BatchWorker,
+        devices="cpu",
+        workers_per_device=2,
+        batch_size=2,
+        length_fn=W.item_length,
+        exception_behavior=DEFERRED,
+        backend="threads",
+    )
+    with first, second:
+        items = [W.make_item(i, W.LEN_FAIL if i == 1 else W.OK) for i in range(5000)]
+        for r in second.map(first.map(items)):
+            if r.obj_id == 1:
+                assert isinstance(r.exception_obj, ItemCostError), repr(r.exception_obj)
+                break
+        try:
+            got = [r.ret_val for r in first.map([W.make_item(7)])]
+        except PoolBusyError as exc:
+            raise AssertionError(f"the first stage's pool is still busy: {exc}") from None
+        assert got == [W.make_item(7)], got
+
+
+# -- undocumented: a chained map blames the wrong item ---------------------------------------
+
+
+def chained_death_is_blamed_on_its_own_item() -> None:
+    first = StateFullWorkerPool(2, W.stage1, exception_behavior=DEFERRED, backend="threads")
+    second = StateFullWorkerPool(2, W.process_function, exception_behavior=DEFERRED)
+    with first, second:
+        for kind, error in ((W.EXIT, WorkerDiedError), (W.UNPICKLABLE, SerializationError)):
+            items = [W.make_item(0, W.S1_RAISE), W.make_item(1, kind)]
+            # the checkpoint reads both items at once: item 1 goes alone in a chunk whose
+            # start is 0 (the position of item 0, settled as failed upstream)
+            got = list(second.map(first.map(items), checkpoint=_tmp_checkpoint()))
+            assert [r.obj_id for r in got] == [0, 1], [r.obj_id for r in got]
+            exc = got[1].exception_obj
+            assert isinstance(exc, error), repr(exc)
+            assert "item 1" in str(exc) and "item 0" not in str(exc), f"{kind}: {exc}"
+            if error is WorkerDiedError:
+                assert exc.obj_id == 1, f"WorkerDiedError.obj_id is {exc.obj_id}"
+
+
+def length_aware_unpicklable_is_blamed_on_its_own_item() -> None:
+    with DevicePool(
+        W.BatchWorker,
+        devices="cpu",
+        workers_per_device=2,
+        batch_size=2,
+        length_fn=W.item_length,
+        exception_behavior=DEFERRED,
+    ) as pool:
+        pads = [9, 1, 8, 2, 7, 3]  # sorted by length, item 3 shares a batch with item 1
+        items = [
+            W.make_item(i, W.UNPICKLABLE if i == 3 else W.OK, pad) for i, pad in enumerate(pads)
+        ]
+        got = {r.obj_id: r for r in pool.map(items)}
+        exc = got[3].exception_obj
+        assert isinstance(exc, SerializationError), repr(exc)
+        assert "item 3" in str(exc), f"item 3's error: {exc}"
+
+
 # -- issue 22 item 7: length_fn's bad costs, batch_size=True ---------------------------------
 
 
@@ -247,6 +312,9 @@ SCENARIOS: dict[str, Callable[[], None]] = {
         chained_after_unordered_keeps_raw_positions,
         chained_failure_reaches_key_as_itself,
         chained_raise_frees_the_first_stage,
+        chained_break_after_a_cost_error_frees_the_first_stage,
+        chained_death_is_blamed_on_its_own_item,
+        length_aware_unpicklable_is_blamed_on_its_own_item,
         bad_costs_fail_only_their_item,
         batch_size_true_is_refused,
         ordered_imap_immediate,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from hypothesis import HealthCheck, event, given, note, reject, settings
+from hypothesis import HealthCheck, Phase, event, given, note, reject, settings
 
 from . import model as M
 from .harness import (
@@ -32,9 +32,12 @@ from .harness import (
 from .model import KNOWN_BROKEN, Config, Plan, examples
 from .scenarios import EXIT_HUNG, SCENARIOS
 
+#: No "explain" phase: it re-runs a failing example dozens of times (minutes for one hang).
+PHASES = (Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink)
 settings.register_profile(
     "ci",
     max_examples=200,
+    phases=PHASES,
     derandomize=True,
     deadline=None,
     database=None,
@@ -49,6 +52,7 @@ settings.register_profile(
 settings.register_profile(
     "soak",
     max_examples=5000,
+    phases=PHASES,
     derandomize=False,
     deadline=None,
     database=None,
@@ -82,6 +86,7 @@ def cache(pool_cache: tuple[PoolCache, Path]) -> Iterator[tuple[PoolCache, Path]
     live for one test (hundreds of examples), and this closes them before that check.
     """
     yield pool_cache
+    print(pool_cache[0].summary())  # shown with -s
     pool_cache[0].close_all()
 
 
@@ -173,11 +178,11 @@ def assert_scenarios_pass(*names: str) -> None:
     assert not broken, f"scenarios that break the contract: {broken}"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=M.ITEM_1)
 def test_issue_22_item_1_wait_others_raises_after_the_running_items() -> None:
-    """IMMEDIATE_WAIT_OTHERS, 60 items, the first fails: with a checkpoint (map and imap),
-    with length-aware batching where the worker fails (map) or length_fn fails (imap). The
-    map must raise that item's error; it hangs (items read but unsent count as in progress)."""
+    """Fixed (829e146): IMMEDIATE_WAIT_OTHERS, 60 items, the first fails: with a checkpoint
+    (map and imap), with length-aware batching where the worker fails (map) or length_fn
+    fails (imap). The map raises that item's error; it hung (items read but unsent counted
+    as in progress)."""
     assert_scenarios_pass(
         "wait_others_checkpoint_map",
         "wait_others_checkpoint_imap",
@@ -192,24 +197,25 @@ def test_issue_22_item_3_checkpoint_key_given_twice_is_refused() -> None:
     assert_scenarios_pass("checkpoint_key_twice_is_refused")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=M.ITEM_5_POSITIONS)
 def test_issue_22_item_5_chained_after_unordered_keeps_raw_positions() -> None:
-    """``b.map(a.map(items, is_unordered=True))``: obj_id must be the raw input position."""
+    """Fixed: ``b.map(a.map(items, is_unordered=True))``: obj_id is the raw input position."""
     assert_scenarios_pass("chained_after_unordered_keeps_raw_positions")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=M.ITEM_5_MARKER)
 def test_issue_22_item_5_chained_failure_never_reaches_key_as_a_marker() -> None:
-    """A chained map with ``Checkpoint(key=...)`` whose first stage failed item 1: key= is
-    handed ``('py_stateful_map: failed upstream', ...)`` and the whole map raises."""
+    """Fixed: a chained map with ``Checkpoint(key=...)`` whose first stage failed item 1:
+    key= was handed ``('py_stateful_map: failed upstream', ...)`` and the whole map raised."""
     assert_scenarios_pass("chained_failure_reaches_key_as_itself")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=M.ITEM_5_BUSY)
 def test_issue_22_item_5_second_stage_raising_frees_the_first_stage() -> None:
-    """Stage 2 (IMMEDIATE) raises on item 0 of 5000: after the caller handled the error,
-    the first stage's pool is still busy (PoolBusyError) until ``gc.collect()``."""
-    assert_scenarios_pass("chained_raise_frees_the_first_stage")
+    """Fixed: stage 2 (IMMEDIATE) raises on item 0 of 5000, or (DEFERRED, length-aware) the
+    caller breaks after item 1's length_fn failure: the first stage's pool stayed busy
+    (PoolBusyError) until ``gc.collect()``; the second stage now closes its input map."""
+    assert_scenarios_pass(
+        "chained_raise_frees_the_first_stage",
+        "chained_break_after_a_cost_error_frees_the_first_stage",
+    )
 
 
 def test_issue_22_item_7_bad_costs_and_batch_size_true() -> None:
@@ -222,6 +228,25 @@ def test_issue_22_item_10_ordered_imap_yields_every_value_before_the_failure() -
     """Fixed: ordered imap, item 1 slow, item 2 fails: it yields items 0 and 1, then raises
     item 2's error (IMMEDIATE and IMMEDIATE_WAIT_OTHERS); it raised after item 0 only."""
     assert_scenarios_pass("ordered_imap_immediate", "ordered_imap_wait_others")
+
+
+# -- found by this suite ---------------------------------------------------------------------
+
+
+def test_chained_death_or_unpicklable_result_is_blamed_on_its_own_item() -> None:
+    """Fixed with item 5 (chunks cover raw positions consecutive both ways):
+    ``b.map(a.map([fails in a, kills its worker in b]), checkpoint=...)``: item 1's
+    WorkerDiedError said "item 0 killed its worker" with obj_id 0, an unpicklable result
+    "the result of item 0": item 1's chunk kept start=0 while its positions were (1,)."""
+    assert_scenarios_pass("chained_death_is_blamed_on_its_own_item")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=M.UNDOCUMENTED_BATCH_BLAME)
+def test_length_aware_unpicklable_result_is_blamed_on_its_own_item() -> None:
+    """Length-aware batching (batch_size=2, length_fn=len), item 3 returns a lock: its
+    SerializationError says "the result of item 1": a planned batch's positions are not
+    ``start, start + 1, ...``, and the report counts from the batch's first position."""
+    assert_scenarios_pass("length_aware_unpicklable_is_blamed_on_its_own_item")
 
 
 def test_scenarios_leave_no_shared_memory() -> None:

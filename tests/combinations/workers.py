@@ -29,7 +29,7 @@ LEN_NEG = "lenneg"
 LEN_STR = "lenstr"
 BAD_LENGTHS = (LEN_HUGE, LEN_NAN, LEN_NEG, LEN_STR)
 
-SLOW_SECONDS = 0.25
+SLOW_SECONDS = 0.1
 
 
 class ItemFailed(Exception):
