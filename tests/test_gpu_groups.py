@@ -116,7 +116,7 @@ import json, os
 def record(where, **facts):
     path = os.path.join(os.environ["PSM_RECORDS"], f"{where}-{os.getpid()}.json")
     with open(path, "w") as out:
-        json.dump({"where": where, "pid": os.getpid(),
+        json.dump({"where": where, "pid": os.getpid(), "ppid": os.getppid(),
                    "cvd": os.environ.get("CUDA_VISIBLE_DEVICES"), **facts}, out)
 """
 
@@ -188,10 +188,15 @@ def test_process_workers_see_only_their_group_before_any_user_import(
     found = [json.loads(path.read_text()) for path in (tmp_path / "records").glob("*.json")]
     parent = {r["pid"] for r in found if r["where"] == "main" and r["cvd"] is None}
     assert len(parent) == 1, found
+    # A worker process's imports run where multiprocessing started it; on Linux its constructor
+    # runs in the worker that process forks (the keeper, see backends.process_tree): group a
+    # constructor's record with its parent's imports when the two differ.
+    started = {r["pid"] for r in found if r["where"] == "main" and r["pid"] not in parent}
     workers: dict[int, dict[str, Any]] = {}
     for r in found:
         if r["pid"] not in parent:
-            workers.setdefault(r["pid"], {})[r["where"]] = r
+            key = r["pid"] if r["pid"] in started else r["ppid"]
+            workers.setdefault(key, {})[r["where"]] = r
     # each worker ran the script, the worker's module and its constructor with its pair masked,
     # and was given the pair as it sees it
     assert sorted(
