@@ -228,8 +228,20 @@ class StateFullWorkerPool(Generic[T]):
         ``len()`` of the result is the input's length when it has one. Only one map may be in
         progress per pool at a time. The map keeps the pool alive while it is iterated; once
         the pool is closed, iterating raises ``PoolBrokenError``. An iterator input is read
-        on a bounded feeder thread (see ``read_input_in_thread``); another map's results as
-        input run their values, and items that failed there keep their error.
+        on a bounded feeder thread (see ``read_input_in_thread``).
+
+        Another map's results as input (``pool_b.map(pool_a.map(x))``, or of ``imap`` /
+        ``imap_unordered``: a *chained* map) run their values and keep their positions: each
+        result's ``obj_id`` is the item's position in the first map's input, whatever order
+        that map delivered in, and errors and a checkpoint name the item by it too (results
+        come in the order this map reads them, unless ``is_unordered``). An item that failed
+        there reaches no worker and comes out with its own exception: a checkpoint by
+        position stores it as that item's failure; a ``Checkpoint(key=...)`` has no key for
+        it (``key`` is only ever called with values), so it is not stored, and a resumed run
+        takes it from the first map again. Two results held at once with one ``obj_id`` (two
+        maps' results concatenated) are a ``ValueError``. However this map ends — exhausted,
+        ``break``, ``close()``, an error — it closes the map it reads, so that map's pool is
+        free at once.
 
         ``checkpoint`` (a path or a :class:`~py_stateful_map.Checkpoint`) makes the map
         resumable: every result is committed to it before you receive it, and rerunning the
@@ -307,6 +319,7 @@ class StateFullWorkerPool(Generic[T]):
             length_batching=self.options.length_batching,
             batches_per_chunk=self._batches_per_chunk,
             open_checkpoint=self._checkpoint_opener(checkpoint, length),
+            checkpoint_by_key=isinstance(checkpoint, Checkpoint) and checkpoint.key is not None,
         )
         decorate = None
         if self._progress is not None or self.options.on_result is not None:
@@ -316,7 +329,7 @@ class StateFullWorkerPool(Generic[T]):
                 return with_progress(items, total, bar, on_result)
 
         batches = run.values() if values else run.batches()
-        return MapResult(batches, length, decorate, owner=self)
+        return MapResult(batches, length, decorate, owner=self, run=run)
 
     def _checkpoint_opener(
         self, checkpoint: CheckpointOption, length: int | None

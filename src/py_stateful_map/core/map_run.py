@@ -21,7 +21,6 @@ Data flow::
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from itertools import chain, repeat
@@ -35,7 +34,7 @@ from py_stateful_map.wire.messages import ItemError
 from .chunking import ChunkSizer
 from .dispatcher import Dispatcher, closed_message
 from .input_reader import reader_for
-from .intake import Intake
+from .intake import HandedPositions, Intake
 from .ledger import Ledger
 from .length_batching import LengthBatching
 from .length_chunks import LengthChunker
@@ -84,6 +83,7 @@ class MapRun:
         length_batching: LengthBatching | None = None,
         batches_per_chunk: int = 1,
         open_checkpoint: Callable[[], CheckpointRun] | None = None,
+        checkpoint_by_key: bool = False,
     ) -> None:
         self._dispatcher = dispatcher
         self._planner: Planner = (
@@ -110,8 +110,15 @@ class MapRun:
         self._failure: BaseException | None = None  # to raise (WAIT_OTHERS: once idle)
         self._errors_in_order = False  # ordered bare values: an error waits for its turn
         self._held: HeldError | None = None  # that error, until its turn comes
-        self._intake = Intake(None)
+        self._intake = Intake()
+        self._order = self._intake.order  # chained input: raw position -> place in this input
         self._open_checkpoint = open_checkpoint
+        self._checkpoint_by_key = checkpoint_by_key
+        #: Another map this one reads (a chained map): closed when this one ends, however.
+        self._upstream = source if isinstance(source, MapResult) else None
+        self._yields_values = False
+        self._begun = False
+        self._handed: HandedPositions | None = None  # for a map reading this one's values
 
     # -- hand over ------------------------------------------------------------------------
 
@@ -133,24 +140,54 @@ class MapRun:
         item's error is raised at its place: every value before it is yielded first.
         """
         self._errors_in_order = self._ordered
-        for _, values, _, _ in self._outcomes():
-            yield values
+        self._yields_values = True
+        return self._values()
+
+    def _values(self) -> Generator[list[Any], None, None]:
+        handed = self._handed  # asked for before this starts, if at all (handed_positions)
+        if handed is None:
+            for _, values, _, _ in self._outcomes():
+                yield values
+        else:
+            for where, values, _, _ in self._outcomes():
+                handed.handed(where)
+                yield values
+
+    def handed_positions(self) -> HandedPositions | None:
+        """Where each bare value this map hands over stood in its input, for the map that
+        reads them (a chained map); None for wrappers (they carry it), or once it began."""
+        if not self._yields_values or self._begun:
+            return None
+        if self._handed is None:
+            self._handed = HandedPositions()
+        return self._handed
 
     def _outcomes(self) -> Generator[Outcomes, None, None]:
+        self._begun = True
         try:
             self._dispatcher.begin_run()
         except BaseException:
-            self._reader.close()
+            self._close_input()
             raise
         try:
+            if self._upstream is not None:  # its values' positions, before any is read
+                self._intake.upstream_positions = self._upstream.handed_positions()
             if self._open_checkpoint is not None:  # a damaged or busy file fails before any item
                 self._intake.checkpoint = self._open_checkpoint()
+                self._intake.by_key = self._checkpoint_by_key
             yield from self._run()
         finally:
-            self._reader.close()
+            self._close_input()
             if self._intake.checkpoint is not None:
                 self._intake.checkpoint.close()
             self._dispatcher.end_run()
+
+    def _close_input(self) -> None:
+        """Stop reading; a map this one reads is closed too, so its pool is free at once
+        (left to the garbage collector, a reference cycle kept it busy: PoolBusyError)."""
+        self._reader.close()
+        if self._upstream is not None:
+            self._upstream.close()
 
     def _run(self) -> Iterator[Outcomes]:
         ready = self._ready
@@ -170,7 +207,7 @@ class MapRun:
                 # Only a held error's turn sets it under IMMEDIATE (others raise on arrival).
                 if self._behavior is ExceptionBehavior.IMMEDIATE or not self.ledger.in_progress:
                     break
-            elif not self.ledger.in_progress and self.input_done:
+            elif not self.ledger.in_progress and (self._input_done or self._held is not None):
                 break
         if self._failure is not None:
             raise self._failure
@@ -188,7 +225,9 @@ class MapRun:
                 return  # a held error's turn came: it is raised now, nothing is waited for
         # Wait whenever items are out, or input is awaited (from a feeder thread, or for a
         # worker that is restarting): never spin, never wait when nothing can happen.
-        if self.ledger.in_progress or not (self.input_done or self._failure is not None):
+        if self.ledger.in_progress or not (
+            self._input_done or self._held is not None or self._failure is not None
+        ):
             quick = self._ready or prefetched
             completions = self._dispatcher.poll(0.0 if quick else None)
             for completion in completions:
@@ -267,8 +306,8 @@ class MapRun:
     def workers_idle(self) -> bool:
         return self.ledger.on_workers == 0
 
-    def settle(self, completion: Completion) -> None:
-        self._accept(completion, on_worker=False)
+    def settle(self, completion: Completion, *, record: bool = True) -> None:
+        self._accept(completion, on_worker=False, record=record)
 
     def read_items(self, size: int) -> list[Any]:
         reader = self._reader
@@ -288,22 +327,29 @@ class MapRun:
         dispatcher = self._dispatcher
         start = self.ledger.read
         self.ledger.took(len(items))
-        settled, chunks = self._intake.take(
+        settled, passed, chunks = self._intake.take(
             start, items, dispatcher.new_chunk_id, dispatcher.run_id
         )
         for completion in settled:
             self.settle(completion)
+        for completion in passed:  # failed upstream; a checkpoint by key has no key for it
+            self.settle(completion, record=False)
         if self._held is not None:  # settled just now: what comes after it is not needed
             chunks = self._before_held(chunks)
         return chunks
 
     # -- accept: reorder and the exception policy -----------------------------------------
 
-    def _accept(self, completion: Completion, *, on_worker: bool = True) -> None:
+    def _accept(
+        self, completion: Completion, *, on_worker: bool = True, record: bool = True
+    ) -> None:
         chunk, values, errors = completion.chunk, completion.values, completion.errors
         self.ledger.answered(len(chunk.items), on_worker=on_worker)
+        order = self._order
+        # Chained input: where each item stands in this map's input (its position is raw).
+        places = [order.pop(position) for position in chunk.where] if order else None
         checkpoint = self._intake.checkpoint
-        if checkpoint is not None and not completion.stored:
+        if record and checkpoint is not None and not completion.stored:
             checkpoint.record(chunk.where, chunk.items, values, errors)
         if completion.oom_backoffs:
             self._planner.shrink_budget()
@@ -315,7 +361,7 @@ class MapRun:
             if self._behavior is ExceptionBehavior.DEFERRED:
                 pass
             elif self._errors_in_order:
-                self._hold(chunk, errors)  # the values before it are released below
+                self._hold(chunk, errors, places)  # the values before it are released below
             elif self._behavior is ExceptionBehavior.IMMEDIATE:
                 if checkpoint is not None:
                     checkpoint.flush()
@@ -326,20 +372,19 @@ class MapRun:
                 return
         if self._failure is not None:
             return  # nobody will read results after the pending exception
-        self._release(Outcomes(chunk.where, values, errors, completion.stored), chunk)
+        self._release(Outcomes(chunk.where, values, errors, completion.stored), chunk, places)
 
-    def _hold(self, chunk: Chunk, errors: list[ItemError]) -> None:
-        """Ordered ``imap``: keep the first failing position's error until its turn.
+    def _hold(self, chunk: Chunk, errors: list[ItemError], places: list[int] | None) -> None:
+        """Ordered ``imap``: keep the error of the first failing item until its turn.
 
         Nothing past it is needed any more: what waits to be sent after it is dropped (a
         length-aware window cannot drop part of itself and is sent), and nothing is read.
         """
-        where = chunk.where
-        offset, error = min(((offset, exc) for offset, exc, _ in errors), key=lambda e: where[e[0]])
-        position = where[offset]
-        if self._held is not None and self._held.position < position:
+        where = places or chunk.where
+        place, error = min((where[offset], exc) for offset, exc, _ in errors)
+        if self._held is not None and self._held.position < place:
             return
-        self._held = HeldError(position, error)
+        self._held = HeldError(place, error)
         self.ledger.drop_waiting(self._planner.cut_waiting(self._before_held_count))
 
     def _before_held(self, chunks: list[Chunk]) -> list[Chunk]:
@@ -350,36 +395,41 @@ class MapRun:
 
     def _before_held_count(self, chunk: Chunk) -> int:
         """How many of the (waiting) chunk's items come before the held error."""
-        assert self._held is not None
-        return bisect_left(chunk.where, self._held.position)  # its positions ascend
+        assert self._held is not None and chunk.positions is None  # planned batches stay
+        start = self._order.get(chunk.start, chunk.start)  # its place in this input
+        return min(len(chunk.items), max(0, self._held.position - start))
 
-    def _release(self, entry: Outcomes, chunk: Chunk) -> None:
+    def _release(self, entry: Outcomes, chunk: Chunk, places: list[int] | None) -> None:
         """Unordered: ready at once. Ordered: ready once everything before it is.
 
         With a held error (ordered ``imap``), only what comes before its position is released,
         and when everything before it is out, its turn has come: it is the map's failure.
+        ``places``: where the items stand in this map's input when their positions are raw
+        (chained input); the order is this map's input order.
         """
         if not self._ordered:
             self._ready.append(entry)
             return
         pending = self._pending
         held = self._held
-        if chunk.positions is None:
-            if held is not None and held.position < chunk.start + len(entry.values):
-                keep = max(0, held.position - chunk.start)  # its errors are all cut off
+        if chunk.positions is None:  # consecutive in this input too
+            start = chunk.start if places is None else places[0]
+            if held is not None and held.position < start + len(entry.values):
+                keep = max(0, held.position - start)  # its errors are all cut off
                 entry = Outcomes(entry.where[:keep], entry.values[:keep], None, entry.stored)
             if entry.values:
-                pending[chunk.start] = entry
+                pending[start] = entry
         else:  # a planned batch: its items wait for their own turns
             failed = {offset: (exc, text) for offset, exc, text in entry.errors or ()}
             for offset, position in enumerate(chunk.positions):
-                if held is not None and position >= held.position:
+                place = position if places is None else places[offset]
+                if held is not None and place >= held.position:
                     continue
                 error = failed.get(offset)
                 item_errors: list[ItemError] | None = None
                 if error is not None:
                     item_errors = [(0, error[0], error[1])]
-                pending[position] = Outcomes(
+                pending[place] = Outcomes(
                     (position,), [entry.values[offset]], item_errors, entry.stored
                 )
         while self._next_release in pending:
@@ -429,8 +479,10 @@ class MapResult(Generic[Y]):
         decorate: Callable[[Iterator[Y], int | None], Iterator[Y]] | None = None,
         *,
         owner: object = None,
+        run: MapRun | None = None,
     ) -> None:
         self._owner = owner  # the pool: alive while its map is, even if the caller dropped it
+        self._run = run
         self._batches = batches
         self._items: Iterator[Y] = chain.from_iterable(batches)
         if decorate is not None:
@@ -450,6 +502,10 @@ class MapResult(Generic[Y]):
 
     def __bool__(self) -> bool:
         return True
+
+    def handed_positions(self) -> HandedPositions | None:
+        """For a map reading this one: the input positions of the bare values it hands over."""
+        return None if self._run is None else self._run.handed_positions()
 
     def close(self) -> None:
         """Stop this map early; items in flight are dropped and the pool stays usable."""
