@@ -90,7 +90,7 @@ def cache(pool_cache: tuple[PoolCache, Path]) -> Iterator[tuple[PoolCache, Path]
     pool_cache[0].close_all()
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(900 if PROFILE_NAME == "ci" else 8 * 3600)
 @settings(PROFILE)
 @given(example=examples())
 def test_every_combination_keeps_the_contract(
@@ -141,6 +141,7 @@ def run_scenarios(*names: str) -> dict[str, tuple[int | str, str]]:
         )
         for name in names
     }
+    pids = [proc.pid for proc in procs.values()]
     deadline = time.monotonic() + SCENARIO_TIMEOUT
     outcomes: dict[str, tuple[int | str, str]] = {}
     for name, proc in procs.items():
@@ -151,6 +152,8 @@ def run_scenarios(*names: str) -> dict[str, tuple[int | str, str]]:
             _kill_tree(proc)
             out, _ = proc.communicate()
             outcomes[name] = ("killed", out[-2000:])
+    left = our_shm_segments(pids)  # named psm-<their pid>-...: each must have swept its own
+    assert not left, f"shared-memory segments left by the scenarios: {left}"
     return outcomes
 
 
@@ -247,8 +250,3 @@ def test_length_aware_unpicklable_result_is_blamed_on_its_own_item() -> None:
     SerializationError says "the result of item 1": a planned batch's positions are not
     ``start, start + 1, ...``, and the report counts from the batch's first position."""
     assert_scenarios_pass("length_aware_unpicklable_is_blamed_on_its_own_item")
-
-
-def test_scenarios_leave_no_shared_memory() -> None:
-    """The subprocess scenarios and this process left no ``psm-<pid>-`` segment."""
-    assert not our_shm_segments()
