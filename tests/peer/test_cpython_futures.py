@@ -79,10 +79,6 @@ def test_map(backend: str) -> None:
 @pytest.mark.parametrize(
     "behavior", [ExceptionBehavior.IMMEDIATE, ExceptionBehavior.IMMEDIATE_WAIT_OTHERS]
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 22 item 10: ordered imap raises an item's error before the earlier values",
-)
 def test_map_exception(backend: str, behavior: ExceptionBehavior) -> None:
     """CPython ExecutorTest.test_map_exception: ``divmod`` over [1, 1, 1, 1], [2, 3, 0, 5]
     yields (0, 1) twice, then raises ZeroDivisionError. The second item is made slow and the
