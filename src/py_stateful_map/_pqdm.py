@@ -75,8 +75,8 @@ def run_pqdm(
         **pool_options,
     )
     with StateFullWorkerPool[Any].from_options(checked) as pool:
-        if exception_behaviour == "immediate":  # the first error raises: bare values suffice
-            return list(pool.imap(array))
+        if exception_behaviour == "immediate":  # map() raises on arrival; imap would wait
+            return [r.ret_val for r in pool.map(array)]
         outcomes = [
             r.ret_val if r.exception_obj is None else r.exception_obj for r in pool.map(array)
         ]
